@@ -1,0 +1,22 @@
+"""Celery tasks of the ingest service (queue `ingest`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.ingest.errors import IngestError
+from services.ingest.ingest import ingest_source
+from shared.celery_app import service_task
+from shared.settings import get_settings
+
+
+@service_task("ingest.load")
+def load(self: Any, source: str | None = None, dataset: str | None = None,
+         lenient: bool = False) -> dict[str, Any]:
+    """Ingest a MovieLens source (DATA_SOURCE when none is given); idempotent by content."""
+    try:
+        result = ingest_source(source or get_settings().data_source, dataset, lenient)
+    except IngestError as error:
+        # Plain message: the caller's side rebuilds the exception from JSON.
+        raise IngestError(str(error)) from None
+    return result.to_dict()

@@ -1,0 +1,145 @@
+"""The one Celery app: a durable queue per service, task names `<service>.<verb>`.
+
+Services never import each other: they call tasks by name through `run_task`
+(or signatures by name in a chain). With no BROKER_URL, tasks run eagerly in-process.
+"""
+
+from __future__ import annotations
+
+import importlib
+from enum import StrEnum
+from typing import Any
+
+import kombu.exceptions
+import redis.exceptions
+import sqlalchemy.exc
+from celery import Celery
+from kombu import Exchange, Queue
+
+from shared.settings import Settings, get_settings
+
+
+class ServiceQueue(StrEnum):
+    """Queue names, one per worker service."""
+
+    INGEST = "ingest"
+    TRANSFORM = "transform"
+    TRAIN = "train"
+    REGISTRY = "registry"
+    EVAL = "eval"
+
+
+# Where each worker service keeps its tasks; only the worker (or eager mode) imports them.
+TASK_MODULES: dict[ServiceQueue, str] = {
+    queue: f"services.{queue.value}.tasks" for queue in ServiceQueue
+}
+
+# Errors worth a retry with backoff: the database, broker or cache blinked.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    kombu.exceptions.OperationalError,
+    redis.exceptions.ConnectionError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def queue_of(task_name: str) -> str:
+    """The queue a task name routes to: the part before the dot."""
+    service = task_name.split(".", 1)[0]
+    try:
+        return ServiceQueue(service).value
+    except ValueError:
+        raise ValueError(f"task {task_name!r} names no service queue") from None
+
+
+def _celery_config(settings: Settings) -> dict[str, Any]:
+    queues = [
+        Queue(q.value, Exchange(q.value, type="direct", durable=True), routing_key=q.value,
+              durable=True)
+        for q in ServiceQueue
+    ]
+    backend = settings.redis_url or ("rpc://" if settings.broker_url else "cache+memory://")
+    return {
+        "broker_url": settings.broker_url or "memory://",
+        "result_backend": backend,
+        "task_always_eager": not settings.broker_url,
+        "task_eager_propagates": True,
+        "task_store_eager_result": False,
+        "task_queues": queues,
+        "task_default_queue": ServiceQueue.INGEST.value,
+        "task_routes": {f"{q.value}.*": {"queue": q.value, "routing_key": q.value}
+                        for q in ServiceQueue},
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_track_started": True,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "result_expires": 7 * 24 * 3600,
+        "broker_transport_options": {"confirm_publish": True},
+        "broker_connection_retry_on_startup": True,
+        "enable_utc": True,
+    }
+
+
+app = Celery("recsys")
+
+
+def configure_app(settings: Settings | None = None) -> Celery:
+    """Apply the settings in force to the app (at import and after settings change)."""
+    app.conf.update(_celery_config(settings or get_settings()))
+    return app
+
+
+configure_app()
+
+
+def service_task(name: str, **options: Any) -> Any:
+    """Decorator for a service task: acks late, retries transient errors with backoff."""
+    queue_of(name)  # refuse names that route nowhere at import time
+    defaults: dict[str, Any] = {
+        "name": name,
+        "bind": True,
+        "acks_late": True,
+        "reject_on_worker_lost": True,
+        "autoretry_for": TRANSIENT_ERRORS,
+        "retry_backoff": 2,
+        "retry_backoff_max": 60,
+        "retry_jitter": True,
+        "max_retries": 5,
+    }
+    defaults.update(options)
+    return app.task(**defaults)
+
+
+def import_tasks(*queues: ServiceQueue) -> None:
+    """Register the tasks of the given services (all of them when none given)."""
+    for queue in queues or tuple(ServiceQueue):
+        try:
+            importlib.import_module(TASK_MODULES[queue])
+        except ModuleNotFoundError as error:
+            # A service whose tasks do not exist yet is simply absent.
+            if error.name != TASK_MODULES[queue]:
+                raise
+
+
+def task_available(name: str) -> bool:
+    """Whether a task of that name exists (eager mode imports every service's tasks)."""
+    import_tasks()
+    return name in app.tasks
+
+
+def run_task(name: str, kwargs: dict[str, Any], timeout: float | None = None) -> Any:
+    """Run a task by name: through the broker when configured, else in this process."""
+    if app.conf.task_always_eager:
+        import_tasks()
+        return app.tasks[name].apply(kwargs=kwargs, throw=True).get()
+    result = app.send_task(name, kwargs=kwargs, queue=queue_of(name))
+    return result.get(timeout=timeout)

@@ -1,0 +1,212 @@
+"""The `recsys` command: ingest, pipeline, workers, database and the local stack."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from shared.settings import SettingsError, get_settings
+
+app = typer.Typer(help="MovieLens recommender: ingest, train, serve, evaluate.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+err = Console(stderr=True)
+out = Console()
+
+PIPELINE_STAGES: list[tuple[str, str]] = [
+    ("ingest", "ingest.load"),
+]
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def emit_json(payload: dict[str, Any]) -> None:
+    """One JSON object as the last line of stdout."""
+    sys.stdout.write(json.dumps(payload, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def ensure_embedded_schema() -> None:
+    """The embedded SQLite database migrates itself; a server database is migrated by
+    `recsys db upgrade` (the compose file's one-shot migrate service)."""
+    if not get_settings().database_url:
+        from shared.db import migrate
+
+        migrate()
+
+
+@contextmanager
+def byte_progress(description: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar over bytes on a terminal; nothing when output is redirected."""
+    if not err.is_terminal:
+        yield None
+        return
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=err,
+                  transient=True) as progress:
+        task = progress.add_task(description, total=None)
+
+        def advance(amount: int, total: int = 0) -> None:
+            if total:
+                progress.update(task, total=total)
+            else:
+                progress.advance(task, amount)
+
+        yield advance
+
+
+def run_ingest(source: str, dataset: str | None, lenient: bool) -> dict[str, Any]:
+    """Ingest in-process (embedded) or through the `ingest` queue (broker configured)."""
+    from shared.celery_app import run_task
+
+    settings = get_settings()
+    if settings.broker_url:
+        with err.status(f"ingest.load queued for {source} ..."):
+            return run_task("ingest.load", {"source": source, "dataset": dataset,
+                                            "lenient": lenient})
+    from services.ingest.ingest import ingest_source
+
+    ensure_embedded_schema()
+    with byte_progress(f"ingest {source}") as bar:
+        result = ingest_source(
+            source, dataset, lenient,
+            progress=(lambda n: bar(n, 0)) if bar else None,
+            on_layout=(lambda layout, size: bar(0, size)) if bar else None,
+        )
+    return result.to_dict()
+
+
+def print_summary(title: str, rows: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False)
+    for key, value in rows.items():
+        if not isinstance(value, dict | list):
+            table.add_row(key, str(value))
+    out.print(table)
+
+
+@app.command()
+def ingest(
+    source: str = typer.Option(None, "--source", help="Directory, .zip or URL; "
+                               "DATA_SOURCE when omitted."),
+    dataset: str = typer.Option(None, "--dataset", help="Override layout detection "
+                                "(ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-32m, ml-latest, "
+                                "ml-latest-small)."),
+    lenient: bool = typer.Option(False, "--lenient", help="Load good rows, store rejects."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object last."),
+) -> None:
+    """Load MovieLens ratings and movies into the database."""
+    from services.ingest.errors import IngestError
+
+    source = source or get_settings().data_source
+    try:
+        result = run_ingest(source, dataset, lenient)
+    except IngestError as error:
+        fail(str(error))
+    if as_json:
+        emit_json(result)
+    else:
+        print_summary(result["message"], result)
+
+
+@app.command()
+def pipeline(
+    stages: str = typer.Option(None, "--stages", help="'all', or a comma-separated list."),
+    stage: str = typer.Option(None, "--stage", help="Run one stage."),
+    source: str = typer.Option(None, "--source", help="Data source for ingest."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object last."),
+) -> None:
+    """Run the pipeline's stages in order (every stage that exists, with --stages all)."""
+    from services.ingest.errors import IngestError
+    from shared.celery_app import task_available
+
+    names = [name for name, _ in PIPELINE_STAGES]
+    if stage and stages:
+        fail("give --stage or --stages, not both", 2)
+    wanted = [stage] if stage else (names if (stages or "all") == "all" else stages.split(","))
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        fail(f"unknown stage {', '.join(unknown)}; stages are {', '.join(names)}", 2)
+    clock = time.perf_counter()
+    summary: dict[str, Any] = {"stages": []}
+    for name, task in PIPELINE_STAGES:
+        if name not in wanted or not task_available(task):
+            continue
+        try:
+            if name == "ingest":
+                summary["ingest"] = run_ingest(source or get_settings().data_source, None, False)
+        except IngestError as error:
+            fail(str(error))
+        summary["stages"].append(name)
+    summary["seconds"] = round(time.perf_counter() - clock, 3)
+    if as_json:
+        emit_json(summary)
+    else:
+        for name in summary["stages"]:
+            print_summary(f"stage {name}", summary[name])
+        out.print(f"pipeline finished in {summary['seconds']} s: {', '.join(summary['stages'])}")
+
+
+@app.command()
+def worker(
+    service: str = typer.Argument(..., help="ingest, transform, train, registry or eval."),
+    concurrency: int = typer.Option(1, "--concurrency", "-c", min=1),
+    loglevel: str = typer.Option("INFO", "--loglevel"),
+) -> None:
+    """Start a Celery worker consuming that service's queue."""
+    from shared.celery_app import ServiceQueue, configure_app, import_tasks
+
+    try:
+        queue = ServiceQueue(service)
+    except ValueError:
+        fail(f"unknown service {service!r}; one of {', '.join(q.value for q in ServiceQueue)}", 2)
+    if not get_settings().broker_url:
+        fail("BROKER_URL is not set: a worker needs RabbitMQ (embedded mode runs tasks "
+             "in-process)", 2)
+    celery = configure_app()
+    import_tasks(queue)
+    celery.worker_main([
+        "worker", "-Q", queue.value, "-n", f"{queue.value}@%h", f"--concurrency={concurrency}",
+        "--prefetch-multiplier=1", f"--loglevel={loglevel}", "-E", "--without-mingle",
+        "--without-gossip",
+    ])
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Apply Alembic migrations to DATABASE_URL (or the embedded SQLite file)."""
+    from shared.db import migrate
+
+    migrate(revision=revision)
+    out.print(f"database at revision {revision}")
+
+
+def main() -> None:
+    try:
+        get_settings()
+    except SettingsError as error:
+        err.print(f"[bold red]error:[/] {error}", highlight=False)
+        sys.exit(2)
+    app()
+
+
+if __name__ == "__main__":
+    main()

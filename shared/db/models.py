@@ -1,0 +1,126 @@
+"""SQLAlchemy 2.0 models. Alembic migrations own the schema; these mirror it."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _now() -> Any:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class Movie(Base):
+    __tablename__ = "movie"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    title: Mapped[str] = mapped_column(Text, nullable=False)
+    year: Mapped[int | None] = mapped_column(Integer)
+    genres: Mapped[str] = mapped_column(Text, nullable=False, default="")  # '|'-joined
+    imdb_id: Mapped[int | None] = mapped_column(BigInteger)
+    tmdb_id: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class UserProfile(Base):
+    __tablename__ = "user_profile"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    age: Mapped[int | None] = mapped_column(Integer)
+    gender: Mapped[str | None] = mapped_column(String(8))
+    occupation: Mapped[str | None] = mapped_column(String(64))
+    zip_code: Mapped[str | None] = mapped_column(String(16))
+
+
+class Rating(Base):
+    """One explicit rating. No foreign key: ingest validates movie ids before loading,
+    and a per-row trigger would double the cost of a bulk COPY."""
+
+    __tablename__ = "rating"
+
+    user_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    movie_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    rated_at: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    rating: Mapped[float] = mapped_column(Float(precision=24), nullable=False)
+
+
+class Tag(Base):
+    __tablename__ = "tag"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    movie_id: Mapped[int] = mapped_column(Integer, nullable=False, index=True)
+    tag: Mapped[str] = mapped_column(Text, nullable=False)
+    tagged_at: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class IngestBatch(Base):
+    __tablename__ = "ingest_batch"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(Text, nullable=False)
+    dataset: Mapped[str] = mapped_column(String(32), nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    lenient: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    ratings: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    movies: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    users: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    tags: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    rejected: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    timings: Mapped[dict[str, float]] = mapped_column(JSON, nullable=False, default=dict)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = _now()
+
+
+class IngestReject(Base):
+    """A row that `--lenient` ingest left out, with the reason."""
+
+    __tablename__ = "ingest_reject"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    batch_id: Mapped[int] = mapped_column(
+        ForeignKey("ingest_batch.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    file: Mapped[str] = mapped_column(Text, nullable=False)
+    line: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    raw: Mapped[str] = mapped_column(Text, nullable=False, default="")
+
+
+class TaskKey(Base):
+    """Idempotency key of a task: a redelivered task finds its earlier result here."""
+
+    __tablename__ = "task_key"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    task_name: Mapped[str] = mapped_column(String(100), nullable=False)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    created_at: Mapped[dt.datetime] = _now()
