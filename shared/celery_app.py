@@ -56,8 +56,12 @@ def queue_of(task_name: str) -> str:
 
 def _celery_config(settings: Settings) -> dict[str, Any]:
     queues = [
-        Queue(q.value, Exchange(q.value, type="direct", durable=True), routing_key=q.value,
-              durable=True)
+        Queue(
+            q.value,
+            Exchange(q.value, type="direct", durable=True),
+            routing_key=q.value,
+            durable=True,
+        )
         for q in ServiceQueue
     ]
     backend = settings.redis_url or ("rpc://" if settings.broker_url else "cache+memory://")
@@ -69,8 +73,9 @@ def _celery_config(settings: Settings) -> dict[str, Any]:
         "task_store_eager_result": False,
         "task_queues": queues,
         "task_default_queue": ServiceQueue.INGEST.value,
-        "task_routes": {f"{q.value}.*": {"queue": q.value, "routing_key": q.value}
-                        for q in ServiceQueue},
+        "task_routes": {
+            f"{q.value}.*": {"queue": q.value, "routing_key": q.value} for q in ServiceQueue
+        },
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,

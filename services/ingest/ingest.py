@@ -18,8 +18,13 @@ from sqlalchemy import Connection, Engine, func, select, update
 from services.ingest import loader
 from services.ingest.errors import ErrorReport, IngestError, RejectedInput, RowError
 from services.ingest.layouts import Layout, detect_layout
-from services.ingest.ratings import RatingBlock, RatingsValidator, duplicate_rows, raw_blocks, \
-    row_keys
+from services.ingest.ratings import (
+    RatingBlock,
+    RatingsValidator,
+    duplicate_rows,
+    raw_blocks,
+    row_keys,
+)
 from services.ingest.readers import read_links, read_movies, read_tags, read_users
 from services.ingest.sources import SourceFiles, open_source
 from shared.db import IngestBatch, IngestReject, Movie, Tag, UserProfile, get_engine, session_scope
@@ -69,8 +74,17 @@ def _existing(engine: Engine, sha256: str) -> IngestBatch | None:
 
 def _unchanged(batch: IngestBatch, seconds: float) -> IngestResult:
     return IngestResult(
-        "unchanged", batch.id, batch.dataset, batch.source, batch.sha256, batch.ratings,
-        batch.movies, batch.users, batch.tags, batch.rejected, round(seconds, 3),
+        "unchanged",
+        batch.id,
+        batch.dataset,
+        batch.source,
+        batch.sha256,
+        batch.ratings,
+        batch.movies,
+        batch.users,
+        batch.tags,
+        batch.rejected,
+        round(seconds, 3),
         f"already ingested as batch {batch.id} on {batch.created_at:%Y-%m-%d %H:%M}; "
         "nothing changed",
     )
@@ -79,8 +93,14 @@ def _unchanged(batch: IngestBatch, seconds: float) -> IngestResult:
 class _RatingsRun:
     """State of one pass over the ratings file."""
 
-    def __init__(self, files: SourceFiles, layout: Layout, known: np.ndarray,
-                 progress: Progress | None, lenient: bool = False) -> None:
+    def __init__(
+        self,
+        files: SourceFiles,
+        layout: Layout,
+        known: np.ndarray,
+        progress: Progress | None,
+        lenient: bool = False,
+    ) -> None:
         self.files, self.layout, self.progress = files, layout, progress
         self.validator = RatingsValidator(layout.format, layout.ratings, known)
         self.report = ErrorReport(keep=KEEP_ALL if lenient else 20)
@@ -89,8 +109,9 @@ class _RatingsRun:
 
     def blocks(self) -> Iterator[RatingBlock]:
         with self.files.open(self.layout.ratings) as stream:
-            for first_line, raw in raw_blocks(stream, self.layout.format, self.layout.ratings,
-                                              self.progress):
+            for first_line, raw in raw_blocks(
+                stream, self.layout.format, self.layout.ratings, self.progress
+            ):
                 block = self.validator.block(first_line, raw)
                 for error, kind in block.errors:
                     self.report.add(error, kind)
@@ -132,7 +153,9 @@ def _load_strict(conn: Connection, run: _RatingsRun, description: str) -> None:
         raise RejectedInput(description, run.report)
 
 
-def _duplicates(run_factory: Callable[[], _RatingsRun]) -> tuple[_RatingsRun, list[tuple[int, int]]]:
+def _duplicates(
+    run_factory: Callable[[], _RatingsRun],
+) -> tuple[_RatingsRun, list[tuple[int, int]]]:
     run = run_factory()
     keys, lines = [], []
     for block in run.blocks():
@@ -142,8 +165,9 @@ def _duplicates(run_factory: Callable[[], _RatingsRun]) -> tuple[_RatingsRun, li
     return run, duplicate_rows(keys, lines)
 
 
-def _load_lenient(conn: Connection, run_factory: Callable[[], _RatingsRun], batch_id: int
-                  ) -> tuple[_RatingsRun, int]:
+def _load_lenient(
+    conn: Connection, run_factory: Callable[[], _RatingsRun], batch_id: int
+) -> tuple[_RatingsRun, int]:
     """Good rows load; bad rows and repeats become `ingest_reject` rows. Returns rejects."""
     _, repeats = _duplicates(run_factory)
     repeat_of = dict(repeats)
@@ -157,37 +181,54 @@ def _load_lenient(conn: Connection, run_factory: Callable[[], _RatingsRun], batc
         raw_lines = block.raw.splitlines() if len(drop) else []
         for index in drop:
             line = int(lines[index])
-            run.report.add(RowError(block.file, line, "duplicate (user, movie, timestamp) of "
-                                    f"line {repeat_of[line]}",
-                                    raw_lines[index].decode("utf-8", "replace")), "duplicate row")
+            run.report.add(
+                RowError(
+                    block.file,
+                    line,
+                    f"duplicate (user, movie, timestamp) of line {repeat_of[line]}",
+                    raw_lines[index].decode("utf-8", "replace"),
+                ),
+                "duplicate row",
+            )
         run.count(block, drop)
         keep = block.valid.copy()
         if len(drop):
             keep[drop] = False
-        loader.insert_ratings(conn, block.frame[keep], table="rating_stage",
-                              line_numbers=(np.flatnonzero(keep) + block.first_line).tolist())
-        rejects.extend(
-            {"batch_id": batch_id, "file": e.file, "line": e.line, "reason": e.reason,
-             "raw": e.raw} for e, _ in block.errors
+        loader.insert_ratings(
+            conn,
+            block.frame[keep],
+            table="rating_stage",
+            line_numbers=(np.flatnonzero(keep) + block.first_line).tolist(),
         )
-    rejects.extend({"batch_id": batch_id, "file": e.file, "line": e.line, "reason": e.reason,
-                    "raw": e.raw} for e in run.report.first if e.reason.startswith("duplicate"))
+        rejects.extend(
+            {"batch_id": batch_id, "file": e.file, "line": e.line, "reason": e.reason, "raw": e.raw}
+            for e, _ in block.errors
+        )
+    rejects.extend(
+        {"batch_id": batch_id, "file": e.file, "line": e.line, "reason": e.reason, "raw": e.raw}
+        for e in run.report.first
+        if e.reason.startswith("duplicate")
+    )
     loader.insert_rows(conn, IngestReject.__table__, rejects)
     loaded, conflicts = loader.merge_stage(conn, batch_id, run.layout.ratings)
     run.valid_rows = loaded
     return run, len(rejects) + conflicts
 
 
-def _explain_duplicates(run_factory: Callable[[], _RatingsRun], description: str,
-                        error: Exception) -> IngestError:
+def _explain_duplicates(
+    run_factory: Callable[[], _RatingsRun], description: str, error: Exception
+) -> IngestError:
     """After the database refused a repeated key: name the repeated lines, or the clash."""
     run, repeats = _duplicates(run_factory)
     if repeats:
         report = ErrorReport()
         for line, first in repeats:
-            report.add(RowError(run.layout.ratings, line,
-                                f"duplicate (user, movie, timestamp) of line {first}"),
-                       "duplicate row")
+            report.add(
+                RowError(
+                    run.layout.ratings, line, f"duplicate (user, movie, timestamp) of line {first}"
+                ),
+                "duplicate row",
+            )
         return RejectedInput(description, report)
     detail = getattr(getattr(error, "diag", None), "message_detail", None) or str(error)
     return IngestError(
@@ -196,9 +237,14 @@ def _explain_duplicates(run_factory: Callable[[], _RatingsRun], description: str
     )
 
 
-def ingest_source(source: str, dataset: str | None = None, lenient: bool = False,
-                  progress: Progress | None = None, engine: Engine | None = None,
-                  on_layout: Callable[[Layout, int], None] | None = None) -> IngestResult:
+def ingest_source(
+    source: str,
+    dataset: str | None = None,
+    lenient: bool = False,
+    progress: Progress | None = None,
+    engine: Engine | None = None,
+    on_layout: Callable[[Layout, int], None] | None = None,
+) -> IngestResult:
     """Ingest a MovieLens directory, zip or URL; idempotent on the data's content."""
     started, clock = dt.datetime.now(dt.UTC), time.perf_counter()
     settings = get_settings()
@@ -227,8 +273,10 @@ def ingest_source(source: str, dataset: str | None = None, lenient: bool = False
         if bad_tags and not lenient:
             report = ErrorReport()
             for tag in bad_tags:
-                report.add(RowError(layout.tags or "", 0, f"tag of unknown movie {tag[1]}"),
-                           "unknown movie")
+                report.add(
+                    RowError(layout.tags or "", 0, f"tag of unknown movie {tag[1]}"),
+                    "unknown movie",
+                )
             raise RejectedInput(files.description, report)
         tags = [t for t in tags if np.isin(t[1], known)]
         timings["text_files"] = round(time.perf_counter() - clock - timings["checksum"], 3)
@@ -240,20 +288,48 @@ def ingest_source(source: str, dataset: str | None = None, lenient: bool = False
         try:
             with engine.begin() as conn:
                 batch_id = conn.execute(
-                    IngestBatch.__table__.insert().values(
-                        source=source, dataset=layout.dataset, sha256=sha256, status="loading",
-                        lenient=lenient, ratings=0, movies=0, users=0, tags=0, rejected=0,
-                        timings={}, started_at=started,
-                    ).returning(IngestBatch.id)
+                    IngestBatch.__table__.insert()
+                    .values(
+                        source=source,
+                        dataset=layout.dataset,
+                        sha256=sha256,
+                        status="loading",
+                        lenient=lenient,
+                        ratings=0,
+                        movies=0,
+                        users=0,
+                        tags=0,
+                        rejected=0,
+                        timings={},
+                        started_at=started,
+                    )
+                    .returning(IngestBatch.id)
                 ).scalar_one()
                 loader.upsert(conn, Movie.__table__, [vars(m) for m in movies.values()], "id")
-                loader.upsert(conn, UserProfile.__table__, [
-                    dict(zip(("id", "age", "gender", "occupation", "zip_code"), u, strict=True))
-                    for u in users], "id")
+                loader.upsert(
+                    conn,
+                    UserProfile.__table__,
+                    [
+                        dict(zip(("id", "age", "gender", "occupation", "zip_code"), u, strict=True))
+                        for u in users
+                    ],
+                    "id",
+                )
                 if lenient:
-                    loader.insert_rows(conn, IngestReject.__table__, [
-                        {"batch_id": batch_id, "file": e.file, "line": e.line,
-                         "reason": e.reason, "raw": e.raw} for e in text_report.first])
+                    loader.insert_rows(
+                        conn,
+                        IngestReject.__table__,
+                        [
+                            {
+                                "batch_id": batch_id,
+                                "file": e.file,
+                                "line": e.line,
+                                "reason": e.reason,
+                                "raw": e.raw,
+                            }
+                            for e in text_report.first
+                        ],
+                    )
                     run, rejected = _load_lenient(conn, new_run, batch_id)
                     rejected += text_report.total + len(bad_tags)
                 else:
@@ -261,25 +337,44 @@ def ingest_source(source: str, dataset: str | None = None, lenient: bool = False
                     _load_strict(conn, run, files.description)
                     rejected = 0
                 timings["ratings"] = round(time.perf_counter() - mark, 3)
-                loader.insert_rows(conn, Tag.__table__, [
-                    dict(zip(("user_id", "movie_id", "tag", "tagged_at"), t, strict=True))
-                    for t in tags])
+                loader.insert_rows(
+                    conn,
+                    Tag.__table__,
+                    [
+                        dict(zip(("user_id", "movie_id", "tag", "tagged_at"), t, strict=True))
+                        for t in tags
+                    ],
+                )
                 seconds = time.perf_counter() - clock
                 timings["total"] = round(seconds, 3)
-                counts = {"ratings": run.valid_rows, "movies": len(movies), "users": run.users,
-                          "tags": len(tags), "rejected": rejected}
-                conn.execute(update(IngestBatch).where(IngestBatch.id == batch_id).values(
-                    status="loaded", timings=timings, finished_at=func.now(), **counts))
+                counts = {
+                    "ratings": run.valid_rows,
+                    "movies": len(movies),
+                    "users": run.users,
+                    "tags": len(tags),
+                    "rejected": rejected,
+                }
+                conn.execute(
+                    update(IngestBatch)
+                    .where(IngestBatch.id == batch_id)
+                    .values(status="loaded", timings=timings, finished_at=func.now(), **counts)
+                )
         except (psycopg2.errors.UniqueViolation, sqlalchemy.exc.IntegrityError) as error:
             if (batch := _existing(engine, sha256)) is not None:  # a concurrent twin won
                 return _unchanged(batch, time.perf_counter() - clock)
             raise _explain_duplicates(new_run, files.description, error) from None
     result = IngestResult(
-        "loaded", batch_id, layout.dataset, source, sha256, seconds=round(seconds, 3),
+        "loaded",
+        batch_id,
+        layout.dataset,
+        source,
+        sha256,
+        seconds=round(seconds, 3),
         message=f"loaded {counts['ratings']} ratings of {counts['users']} users on "
-                f"{counts['movies']} movies as batch {batch_id}"
-                + (f"; {rejected} rows rejected" if rejected else ""),
-        timings=timings, **counts,
+        f"{counts['movies']} movies as batch {batch_id}"
+        + (f"; {rejected} rows rejected" if rejected else ""),
+        timings=timings,
+        **counts,
     )
     get_event_bus().publish("ratings.ingested", result.to_dict())
     return result

@@ -41,15 +41,21 @@ def is_postgres(conn: Connection) -> bool:
     return conn.dialect.name == "postgresql"
 
 
-def copy_ratings(conn: Connection, chunks: Iterator[bytes], csv_format: bool,
-                 table: str = "rating", columns: str = RATING_COLUMNS) -> None:
+def copy_ratings(
+    conn: Connection,
+    chunks: Iterator[bytes],
+    csv_format: bool,
+    table: str = "rating",
+    columns: str = RATING_COLUMNS,
+) -> None:
     """Stream raw rows into `table` with COPY, inside the connection's transaction."""
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     options = "FORMAT csv" if csv_format else "FORMAT text"
     stream = CopyStream(chunks)
     try:
-        cursor.copy_expert(f"COPY {table} ({columns}) FROM STDIN WITH ({options})", stream,
-                           size=1 << 20)
+        cursor.copy_expert(
+            f"COPY {table} ({columns}) FROM STDIN WITH ({options})", stream, size=1 << 20
+        )
     except Exception:
         if stream.error is not None:
             raise stream.error from None
@@ -58,11 +64,19 @@ def copy_ratings(conn: Connection, chunks: Iterator[bytes], csv_format: bool,
         cursor.close()
 
 
-def insert_ratings(conn: Connection, frame: pd.DataFrame, table: str = "rating",
-                   line_numbers: Iterable[int] | None = None) -> None:
+def insert_ratings(
+    conn: Connection,
+    frame: pd.DataFrame,
+    table: str = "rating",
+    line_numbers: Iterable[int] | None = None,
+) -> None:
     """Batched INSERT of a frame of ratings (the SQLite path, and lenient staging)."""
-    columns = [frame["user_id"].tolist(), frame["movie_id"].tolist(),
-               frame["rating"].tolist(), frame["rated_at"].tolist()]
+    columns = [
+        frame["user_id"].tolist(),
+        frame["movie_id"].tolist(),
+        frame["rating"].tolist(),
+        frame["rated_at"].tolist(),
+    ]
     if line_numbers is not None:
         columns.append(list(line_numbers))
     marks = ", ".join("?" if not is_postgres(conn) else "%s" for _ in columns)
@@ -81,13 +95,13 @@ def upsert(conn: Connection, table: Table, rows: list[dict[str, Any]], key: str)
     updates = {c.name: statement.excluded[c.name] for c in table.columns if c.name != key}
     statement = statement.on_conflict_do_update(index_elements=[key], set_=updates)
     for start in range(0, len(rows), 5000):
-        conn.execute(statement, rows[start:start + 5000])
+        conn.execute(statement, rows[start : start + 5000])
 
 
 def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     for start in range(0, len(rows), 5000):
-        if rows[start:start + 5000]:
-            conn.execute(insert(table), rows[start:start + 5000])
+        if rows[start : start + 5000]:
+            conn.execute(insert(table), rows[start : start + 5000])
 
 
 def create_stage(conn: Connection) -> None:
@@ -108,12 +122,14 @@ def merge_stage(conn: Connection, batch_id: int, file: str) -> tuple[int, int]:
         "CAST(s.rating AS TEXT) || ',' || CAST(s.rated_at AS TEXT) FROM rating_stage s "
         "WHERE EXISTS (SELECT 1 FROM rating r WHERE r.user_id = s.user_id AND "
         "r.movie_id = s.movie_id AND r.rated_at = s.rated_at)".replace(
-            "?", "%s" if is_postgres(conn) else "?"),
+            "?", "%s" if is_postgres(conn) else "?"
+        ),
         (file,),
     ).rowcount
     loaded = conn.exec_driver_sql(
+        # WHERE true: SQLite cannot otherwise tell ON CONFLICT from a join constraint.
         f"INSERT INTO rating ({RATING_COLUMNS}) SELECT {RATING_COLUMNS} FROM rating_stage "
-        "ON CONFLICT DO NOTHING"
+        "WHERE true ON CONFLICT DO NOTHING"
     ).rowcount
     if not is_postgres(conn):
         conn.exec_driver_sql("DROP TABLE rating_stage")

@@ -88,10 +88,20 @@ def _fast_parse(raw: bytes, sep: str) -> pd.DataFrame | None:
     """pandas C parser with strict integer columns; None when anything is off."""
     try:
         frame = pd.read_csv(
-            io.BytesIO(raw), sep=sep, header=None, names=[*COLUMNS, "extra"],
-            dtype={"user_id": "int64", "movie_id": "int64", "rating": "float64",
-                   "rated_at": "int64", "extra": "object"},
-            skip_blank_lines=False, quoting=csv.QUOTE_NONE, engine="c",
+            io.BytesIO(raw),
+            sep=sep,
+            header=None,
+            names=[*COLUMNS, "extra"],
+            dtype={
+                "user_id": "int64",
+                "movie_id": "int64",
+                "rating": "float64",
+                "rated_at": "int64",
+                "extra": "object",
+            },
+            skip_blank_lines=False,
+            quoting=csv.QUOTE_NONE,
+            engine="c",
         )
     except (ValueError, pd.errors.ParserError):
         return None
@@ -100,8 +110,9 @@ def _fast_parse(raw: bytes, sep: str) -> pd.DataFrame | None:
     return frame[COLUMNS]
 
 
-def _slow_parse(raw: bytes, sep: str, file: str, first_line: int, fmt: Format
-                ) -> tuple[pd.DataFrame, np.ndarray, list[tuple[RowError, str]]]:
+def _slow_parse(
+    raw: bytes, sep: str, file: str, first_line: int, fmt: Format
+) -> tuple[pd.DataFrame, np.ndarray, list[tuple[RowError, str]]]:
     """Line by line, so each malformed line is named with its reason."""
     lines = raw.splitlines()
     values = np.zeros((len(lines), 4), dtype=np.float64)
@@ -119,8 +130,10 @@ def _slow_parse(raw: bytes, sep: str, file: str, first_line: int, fmt: Format
             bad("empty line", "wrong column count")
             continue
         if len(fields) != 4:
-            bad(f"expected 4 columns (user, movie, rating, timestamp), found {len(fields)}",
-                "wrong column count")
+            bad(
+                f"expected 4 columns (user, movie, rating, timestamp), found {len(fields)}",
+                "wrong column count",
+            )
             continue
         user, movie, rating, stamp = (f.strip() for f in fields)
         if not _INT.match(user):
@@ -140,8 +153,12 @@ def _slow_parse(raw: bytes, sep: str, file: str, first_line: int, fmt: Format
                 continue
             values[index] = (int(user), int(movie), score, int(stamp))
     frame = pd.DataFrame(
-        {"user_id": values[:, 0].astype(np.int64), "movie_id": values[:, 1].astype(np.int64),
-         "rating": values[:, 2], "rated_at": values[:, 3].astype(np.int64)}
+        {
+            "user_id": values[:, 0].astype(np.int64),
+            "movie_id": values[:, 1].astype(np.int64),
+            "rating": values[:, 2],
+            "rated_at": values[:, 3].astype(np.int64),
+        }
     )
     return frame, valid, errors
 
@@ -165,8 +182,14 @@ class RatingsValidator:
         self._check_values(frame, valid, errors, first_line, raw)
         return RatingBlock(self.file, first_line, raw, frame, valid, errors)
 
-    def _check_values(self, frame: pd.DataFrame, valid: np.ndarray,
-                      errors: list[tuple[RowError, str]], first_line: int, raw: bytes) -> None:
+    def _check_values(
+        self,
+        frame: pd.DataFrame,
+        valid: np.ndarray,
+        errors: list[tuple[RowError, str]],
+        first_line: int,
+        raw: bytes,
+    ) -> None:
         users = frame["user_id"].to_numpy()
         movies = frame["movie_id"].to_numpy()
         ratings = frame["rating"].to_numpy()
@@ -178,16 +201,27 @@ class RatingsValidator:
             bad_rating = (ratings < 1) | (ratings > 5) | (ratings != np.round(ratings))
             scale = "a whole number from 1 to 5"
         checks = [
-            ((users <= 0) | (users > MAX_ID), "bad user id",
-             lambda i: f"user id {users[i]} is out of range"),
-            ((movies <= 0) | (movies > MAX_ID), "bad movie id",
-             lambda i: f"movie id {movies[i]} is out of range"),
-            (bad_rating, "rating out of range",
-             lambda i: f"rating {ratings[i]:g} is not {scale}"),
-            ((stamps < 0) | (stamps > self.latest), "bad timestamp",
-             lambda i: f"timestamp {stamps[i]} is not a unix time up to now"),
-            (~np.isin(movies, self.known_movies), "unknown movie",
-             lambda i: f"movie {movies[i]} is not in the movies file or the database"),
+            (
+                (users <= 0) | (users > MAX_ID),
+                "bad user id",
+                lambda i: f"user id {users[i]} is out of range",
+            ),
+            (
+                (movies <= 0) | (movies > MAX_ID),
+                "bad movie id",
+                lambda i: f"movie id {movies[i]} is out of range",
+            ),
+            (bad_rating, "rating out of range", lambda i: f"rating {ratings[i]:g} is not {scale}"),
+            (
+                (stamps < 0) | (stamps > self.latest),
+                "bad timestamp",
+                lambda i: f"timestamp {stamps[i]} is not a unix time up to now",
+            ),
+            (
+                ~np.isin(movies, self.known_movies),
+                "unknown movie",
+                lambda i: f"movie {movies[i]} is not in the movies file or the database",
+            ),
         ]
         lines: list[bytes] | None = None
         for mask, kind, describe in checks:
@@ -196,8 +230,17 @@ class RatingsValidator:
                 continue
             lines = lines if lines is not None else raw.splitlines()
             for i in failed:
-                errors.append((RowError(self.file, first_line + int(i), describe(i),
-                                        lines[i].decode("utf-8", "replace")), kind))
+                errors.append(
+                    (
+                        RowError(
+                            self.file,
+                            first_line + int(i),
+                            describe(i),
+                            lines[i].decode("utf-8", "replace"),
+                        ),
+                        kind,
+                    )
+                )
             valid[failed] = False
 
 

@@ -15,9 +15,25 @@ from services.ingest.layouts import Layout, year_from_title
 from services.ingest.sources import SourceFiles
 
 ML_100K_GENRES = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-    "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ]
 NO_GENRES = "(no genres listed)"
 
@@ -62,8 +78,13 @@ def decoded_lines(
             text = raw.decode(encoding)
         except UnicodeDecodeError as error:
             report.add(
-                RowError(name, number, f"not valid {encoding} text: byte 0x{raw[error.start]:02x}"
-                         f" at column {error.start + 1}", raw.decode("latin-1")),
+                RowError(
+                    name,
+                    number,
+                    f"not valid {encoding} text: byte 0x{raw[error.start]:02x}"
+                    f" at column {error.start + 1}",
+                    raw.decode("latin-1"),
+                ),
                 "bad encoding",
             )
             continue
@@ -90,8 +111,9 @@ def read_movies(files: SourceFiles, layout: Layout, report: ErrorReport) -> dict
     if fmt.family == "100k":
         genres = ML_100K_GENRES
         if layout.genres:
-            parsed = [t.split("|")[0] for _, t in decoded_lines(files, layout.genres, "latin-1",
-                                                                 report)]
+            parsed = [
+                t.split("|")[0] for _, t in decoded_lines(files, layout.genres, "latin-1", report)
+            ]
             genres = parsed or genres
         records, expected = _split(lines, "|"), 5 + len(genres)
     elif fmt.family == "dat":
@@ -103,24 +125,30 @@ def read_movies(files: SourceFiles, layout: Layout, report: ErrorReport) -> dict
     for number, fields in records:
         raw = "|".join(fields)
         if len(fields) != expected:
-            report.add(RowError(name, number, f"expected {expected} columns, found {len(fields)}",
-                                raw), "wrong column count")
+            report.add(
+                RowError(name, number, f"expected {expected} columns, found {len(fields)}", raw),
+                "wrong column count",
+            )
             continue
         movie_id = _int(fields[0])
         if movie_id is None or movie_id <= 0:
-            report.add(RowError(name, number, f"movie id {fields[0]!r} is not a positive integer",
-                                raw), "bad movie id")
+            report.add(
+                RowError(name, number, f"movie id {fields[0]!r} is not a positive integer", raw),
+                "bad movie id",
+            )
             continue
         if movie_id in movies:
-            report.add(RowError(name, number, f"movie id {movie_id} appears twice", raw),
-                       "duplicate movie")
+            report.add(
+                RowError(name, number, f"movie id {movie_id} appears twice", raw), "duplicate movie"
+            )
             continue
         title = fields[1].strip()
         if fmt.family == "100k":
             flags = fields[5:]
             if any(f not in ("0", "1") for f in flags):
-                report.add(RowError(name, number, "genre flags must be 0 or 1", raw),
-                           "bad genre flags")
+                report.add(
+                    RowError(name, number, "genre flags must be 0 or 1", raw), "bad genre flags"
+                )
                 continue
             names = [g for g, f in zip(genres, flags, strict=True) if f == "1"]
             year = year_from_title(title)
@@ -133,16 +161,19 @@ def read_movies(files: SourceFiles, layout: Layout, report: ErrorReport) -> dict
     return movies
 
 
-def read_links(files: SourceFiles, layout: Layout, movies: dict[int, MovieRow],
-               report: ErrorReport) -> None:
+def read_links(
+    files: SourceFiles, layout: Layout, movies: dict[int, MovieRow], report: ErrorReport
+) -> None:
     """Attach IMDb and TMDB ids from links.csv to the movies."""
     if not layout.links:
         return
     records = _csv_records(decoded_lines(files, layout.links, "utf-8", report))
     for number, fields in records[1:] if records and records[0][1][:1] == ["movieId"] else records:
         if len(fields) != 3 or _int(fields[0]) is None:
-            report.add(RowError(layout.links, number, "expected movieId,imdbId,tmdbId",
-                                ",".join(fields)), "bad link")
+            report.add(
+                RowError(layout.links, number, "expected movieId,imdbId,tmdbId", ",".join(fields)),
+                "bad link",
+            )
             continue
         movie = movies.get(int(fields[0]))
         if movie is not None:
@@ -158,15 +189,29 @@ def read_users(files: SourceFiles, layout: Layout, report: ErrorReport) -> list[
     users = []
     for number, fields in _split(lines, "|" if family == "100k" else "::"):
         if len(fields) != 5 or _int(fields[0]) is None:
-            report.add(RowError(name, number, f"expected 5 columns with a numeric user id, found "
-                                f"{len(fields)}", "|".join(fields)), "bad user")
+            report.add(
+                RowError(
+                    name,
+                    number,
+                    f"expected 5 columns with a numeric user id, found {len(fields)}",
+                    "|".join(fields),
+                ),
+                "bad user",
+            )
             continue
         if family == "100k":
             user_id, age, gender, occupation, zip_code = fields
         else:
             user_id, gender, age, occupation, zip_code = fields
-        users.append((int(user_id), _int(age), gender.strip() or None,
-                      occupation.strip() or None, zip_code.strip() or None))
+        users.append(
+            (
+                int(user_id),
+                _int(age),
+                gender.strip() or None,
+                occupation.strip() or None,
+                zip_code.strip() or None,
+            )
+        )
     return users
 
 
@@ -184,11 +229,18 @@ def read_tags(files: SourceFiles, layout: Layout, report: ErrorReport) -> list[t
         records = _split(lines, "::")
     tags = []
     for number, fields in records:
-        parsed = [_int(fields[0]), _int(fields[1]), None, _int(fields[-1])] if len(
-            fields) >= 4 else [None]
+        parsed = (
+            [_int(fields[0]), _int(fields[1]), None, _int(fields[-1])]
+            if len(fields) >= 4
+            else [None]
+        )
         if len(fields) != 4 or None in (parsed[0], parsed[1], parsed[3]):
-            report.add(RowError(name, number, "expected userId, movieId, tag, timestamp",
-                                "|".join(fields)), "bad tag")
+            report.add(
+                RowError(
+                    name, number, "expected userId, movieId, tag, timestamp", "|".join(fields)
+                ),
+                "bad tag",
+            )
             continue
         tags.append((parsed[0], parsed[1], fields[2], parsed[3]))
     return tags

@@ -37,8 +37,9 @@ class DirectoryFiles:
         self.description = str(root)
 
     def names(self) -> list[str]:
-        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if
-                      p.is_file())
+        return sorted(
+            p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()
+        )
 
     def open(self, name: str) -> IO[bytes]:
         try:

@@ -11,8 +11,9 @@ from shared.settings import get_settings
 
 
 @service_task("ingest.load")
-def load(self: Any, source: str | None = None, dataset: str | None = None,
-         lenient: bool = False) -> dict[str, Any]:
+def load(
+    self: Any, source: str | None = None, dataset: str | None = None, lenient: bool = False
+) -> dict[str, Any]:
     """Ingest a MovieLens source (DATA_SOURCE when none is given); idempotent by content."""
     try:
         result = ingest_source(source or get_settings().data_source, dataset, lenient)

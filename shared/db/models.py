@@ -7,10 +7,10 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    REAL,
     BigInteger,
     Boolean,
     DateTime,
-    Float,
     ForeignKey,
     Integer,
     MetaData,
@@ -67,7 +67,7 @@ class Rating(Base):
     user_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     movie_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     rated_at: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    rating: Mapped[float] = mapped_column(Float(precision=24), nullable=False)
+    rating: Mapped[float] = mapped_column(REAL, nullable=False)
 
 
 class Tag(Base):
