@@ -192,3 +192,15 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str 
             return value
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def purge_service_queues() -> None:
+    """Declare every service queue as the workers do and empty it, so a worker started
+    by a test sees only that test's tasks."""
+    from shared.celery_app import app
+
+    with app.connection_for_write() as connection:
+        for queue in app.conf.task_queues:
+            bound = queue.bind(connection.default_channel)
+            bound.declare()
+            bound.purge()

@@ -17,7 +17,7 @@ from shared.celery_app import app, run_task
 from shared.db.session import engine_for
 from shared.events import Event, PikaEventBus
 from shared.settings import get_settings
-from tests.conftest import recsys_command, wait_for
+from tests.conftest import purge_service_queues, recsys_command, wait_for
 
 
 @pytest.fixture
@@ -29,11 +29,7 @@ def ingest_worker(
     tmp_path: Path,
 ) -> Iterator[subprocess.Popen]:
     use_settings(DATABASE_URL=pg_url, BROKER_URL=broker_url, REDIS_URL=redis_url)
-    with app.connection_for_write() as connection:
-        for queue in app.conf.task_queues:  # as the worker declares it, then empty
-            bound = queue.bind(connection.default_channel)
-            bound.declare()
-            bound.purge()
+    purge_service_queues()
     env = {
         **os.environ,
         "DATABASE_URL": pg_url,

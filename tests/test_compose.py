@@ -1,0 +1,177 @@
+"""docker-compose.yml runs real `recsys` commands with real settings (checked without Docker)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import typer
+import yaml
+from dotenv import dotenv_values
+from typer.testing import CliRunner
+
+from shared.celery_app import ServiceQueue
+from shared.cli import app as cli_app
+from shared.settings import Settings, setting_names
+from shared.stack import (
+    app_services,
+    compose_services,
+    depends_on,
+    interpolated_names,
+    is_one_shot,
+    service_command,
+)
+
+PROJECT = Path(__file__).resolve().parents[1]
+COMPOSE = PROJECT / "docker-compose.yml"
+ENV_EXAMPLE = PROJECT / ".env.example"
+DOCKERFILE = PROJECT / "Dockerfile"
+INFRA = {"postgres", "rabbitmq", "redis"}
+# Names an app service may set in `environment:` that are not product settings. Empty on
+# purpose: anything else the image needs (PYTHONUNBUFFERED, ...) belongs in the Dockerfile.
+NON_SETTING_ENV: set[str] = set()
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, dict[str, Any]]:
+    # Interpolated from an empty environment: the defaults written in the file.
+    return compose_services(COMPOSE, env={})
+
+
+@pytest.fixture(scope="module")
+def apps(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return app_services(services=services)
+
+
+def raw_compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_app_services_run_the_project_image(services: dict, apps: dict) -> None:
+    assert INFRA <= set(services)
+    assert {"migrate", "ingest"} <= set(apps)
+    assert not INFRA & set(apps)
+    images = {spec["image"] for spec in apps.values()}
+    assert len(images) == 1, f"app services should share one image, got {images}"
+    for name, spec in apps.items():
+        assert spec["build"]["dockerfile"] == "Dockerfile", name
+
+
+def app_service_names() -> list[str]:
+    return sorted(app_services(COMPOSE, env={}))
+
+
+@pytest.mark.parametrize("name", app_service_names())
+def test_command_is_a_real_recsys_subcommand(name: str, apps: dict) -> None:
+    args = service_command(apps[name])
+    assert args, f"service {name} has no command"
+    result = CliRunner().invoke(cli_app, [*args, "--help"])
+    assert result.exit_code == 0, f"`recsys {' '.join(args)} --help` failed:\n{result.output}"
+
+    # --help exits before arguments are checked, so also parse them as click would.
+    group = typer.main.get_command(cli_app)
+    context = click.Context(group, info_name="recsys")
+    command: click.Command = group
+    rest = list(args)
+    while isinstance(command, click.Group) and rest:
+        sub = command.get_command(context, rest[0])
+        assert sub is not None, f"service {name}: `{rest[0]}` is no recsys subcommand"
+        command, rest = sub, rest[1:]
+    assert not isinstance(command, click.Group), f"service {name}: {args} names a group"
+    parsed = command.make_context(command.name or "", rest, parent=context)
+    if command.name == "worker":
+        assert parsed.params["service"] in {q.value for q in ServiceQueue}, name
+
+
+@pytest.mark.parametrize("name", app_service_names())
+def test_environment_sets_only_settings(name: str, apps: dict) -> None:
+    names = set(apps[name].get("environment") or {})
+    unknown = names - setting_names() - NON_SETTING_ENV
+    assert not unknown, f"service {name} sets {sorted(unknown)}, which no setting reads"
+
+
+@pytest.mark.parametrize("name", app_service_names())
+def test_environment_defaults_are_valid_settings(name: str, apps: dict) -> None:
+    env = apps[name]["environment"]
+    settings = Settings(**{key.lower(): value for key, value in env.items()})
+    assert settings.database_url.startswith("postgresql")
+    assert settings.broker_url.startswith("amqp://")
+    assert settings.redis_url.startswith("redis://")
+    assert not settings.embedded
+
+
+def test_every_interpolated_variable_is_in_env_example() -> None:
+    example = dotenv_values(ENV_EXAMPLE)
+    missing = interpolated_names(COMPOSE) - set(example)
+    assert not missing, f".env.example lacks {sorted(missing)}"
+    # And nothing stale: each entry is interpolated by compose or read as a setting.
+    stale = set(example) - interpolated_names(COMPOSE) - setting_names()
+    assert not stale, f".env.example lists {sorted(stale)}, which nothing reads"
+
+
+def test_servers_have_healthchecks(services: dict) -> None:
+    expected = {"postgres": "pg_isready", "rabbitmq": "rabbitmq-diagnostics -q ping",
+                "redis": "redis-cli ping"}
+    for name, probe in expected.items():
+        check = services[name].get("healthcheck")
+        assert check, f"{name} has no healthcheck"
+        test = check["test"]
+        text = " ".join(test[1:]) if isinstance(test, list) else test
+        assert probe in text, f"{name} healthcheck {test!r} does not run {probe}"
+
+
+def test_server_images_and_volumes(services: dict) -> None:
+    assert services["postgres"]["image"] == "postgres:16"
+    assert services["rabbitmq"]["image"] == "rabbitmq:3-management"
+    assert services["redis"]["image"] == "redis:7"
+    published = {str(p).split(":")[-1] for p in services["rabbitmq"]["ports"]}
+    assert {"5672", "15672"} <= published
+    declared = set(raw_compose()["volumes"])
+    for name in ("postgres", "rabbitmq"):
+        assert any(str(v).split(":")[0] in declared for v in services[name]["volumes"]), name
+
+
+def test_migrate_is_one_shot(apps: dict) -> None:
+    migrate = apps["migrate"]
+    assert raw_compose()["services"]["migrate"]["restart"] == "no"  # a string, not YAML false
+    assert is_one_shot(migrate)
+    assert service_command(migrate) == ["db", "upgrade"]
+    assert depends_on(migrate) == {"postgres": "service_healthy"}
+
+
+def test_ingest_worker_waits_for_migrate_and_servers(apps: dict) -> None:
+    ingest = apps["ingest"]
+    assert service_command(ingest) == ["worker", "ingest"]
+    assert not is_one_shot(ingest)
+    needs = depends_on(ingest)
+    assert needs["migrate"] == "service_completed_successfully"
+    assert needs["rabbitmq"] == "service_healthy"
+
+
+def test_every_worker_waits_for_migrate(apps: dict) -> None:
+    workers = [name for name, spec in apps.items() if service_command(spec)[:1] == ["worker"]]
+    assert "ingest" in workers
+    for name in workers:
+        assert depends_on(apps[name]).get("migrate") == "service_completed_successfully", name
+
+
+@pytest.mark.parametrize("name", app_service_names())
+def test_paths_are_volumes(name: str, apps: dict) -> None:
+    spec = apps[name]
+    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in spec["volumes"]}
+    declared = set(raw_compose()["volumes"])
+    assert spec["environment"]["DATA_PATH"] in mounts
+    model_volume = mounts.get(spec["environment"]["MODEL_PATH"])
+    assert model_volume in declared, "MODEL_PATH must be a named volume"
+
+
+def test_dockerfile_builds_the_recsys_image() -> None:
+    text = DOCKERFILE.read_text()
+    lines = [line.strip() for line in text.splitlines()]
+    assert "FROM python:3.11-slim" in lines
+    assert any(line.startswith("RUN pip install .") for line in lines)
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users and users[-1] not in {"root", "0"}, "the image must run as a non-root user"
+    assert 'ENTRYPOINT ["recsys"]' in lines
