@@ -1,0 +1,197 @@
+"""Every algorithm fits and recommends on a tiny matrix; serialisation, EASE, ALS fold-in."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from implicit.cpu.als import AlternatingLeastSquares
+
+import services.train.algorithms as algorithms
+from services.train.algorithms import (
+    ALGORITHMS,
+    FactorModel,
+    Recommender,
+    fit_algorithm,
+    from_arrays,
+    top_k,
+)
+
+# Small factor counts and few iterations keep these fits instantaneous.
+TINY_PARAMS = {
+    "als": {"factors": 8, "regularization": 0.5, "iterations": 5},
+    "bpr": {"factors": 8, "iterations": 20},
+    "itemknn_cosine": {"neighbours": 10},
+    "itemknn_bm25": {"neighbours": 10},
+    "ease": {"l2": 5.0},
+    "popular": {},
+}
+
+
+@pytest.fixture(scope="module")
+def ratings() -> sp.csr_matrix:
+    """40 users x 30 items of 1-5 ratings with two taste groups, ~30% dense."""
+    rng = np.random.default_rng(11)
+    taste = np.where(np.arange(40)[:, None] < 20, np.arange(30) < 15, np.arange(30) >= 15)
+    mask = rng.random((40, 30)) < np.where(taste, 0.5, 0.1)
+    return sp.csr_matrix((rng.integers(1, 6, (40, 30)) * mask).astype(np.float32))
+
+
+@pytest.fixture(scope="module", params=sorted(ALGORITHMS))
+def fitted(request: pytest.FixtureRequest, ratings: sp.csr_matrix) -> Recommender:
+    return fit_algorithm(request.param, ratings, TINY_PARAMS[request.param], seed=7, num_threads=1)
+
+
+def test_recommendations_are_ranked_unseen_and_unique(
+    fitted: Recommender, ratings: sp.csr_matrix
+) -> None:
+    users = np.array([0, 5, 25, 39])
+    ids, scores = fitted.recommend(users, ratings[users], k=8)
+    assert ids.shape == scores.shape == (4, 8)
+    for row, user in enumerate(users):
+        assert not np.isin(ids[row], ratings[user].indices).any()
+        assert len(set(ids[row].tolist())) == 8
+        assert (np.diff(scores[row]) <= 0).all()
+
+
+def test_seen_items_can_be_kept(fitted: Recommender, ratings: sp.csr_matrix) -> None:
+    ids, _ = fitted.recommend([3], ratings[[3]], k=30, filter_seen=False)
+    assert sorted(ids[0].tolist()) == list(range(30))
+
+
+def test_rows_short_of_k_are_padded(fitted: Recommender, ratings: sp.csr_matrix) -> None:
+    n_unseen = 30 - ratings[0].nnz
+    ids, scores = fitted.recommend([0], ratings[[0]], k=40)
+    assert (ids[0, n_unseen:] == -1).all() and np.isneginf(scores[0, n_unseen:]).all()
+    assert (ids[0, :n_unseen] >= 0).all()
+
+
+def test_scoring_in_blocks_changes_nothing(
+    fitted: Recommender, ratings: sp.csr_matrix, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users = np.arange(40)
+    expected_ids, expected_scores = fitted.recommend(users, ratings, k=6)
+    monkeypatch.setattr(algorithms, "SCORE_BLOCK_CELLS", 7 * 30)  # 7 users per block
+    ids, scores = fitted.recommend(users, ratings, k=6)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-6)
+
+
+def test_arrays_round_trip_gives_identical_recommendations(
+    fitted: Recommender, ratings: sp.csr_matrix
+) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **fitted.to_arrays())
+    buffer.seek(0)
+    with np.load(buffer, allow_pickle=False) as stored:  # numpy arrays only, no pickle
+        restored = Recommender.from_arrays(dict(stored))
+    users = np.arange(40)
+    expected_ids, expected_scores = fitted.recommend(users, ratings, k=10)
+    ids, scores = restored.recommend(users, ratings, k=10)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(scores, expected_scores)
+    np.testing.assert_array_equal(restored.similar_items(2, 5)[0], fitted.similar_items(2, 5)[0])
+
+
+def test_similar_items_exclude_the_item(fitted: Recommender) -> None:
+    ids, scores = fitted.similar_items(4, k=5)
+    assert ids.shape == (5,) and 4 not in ids.tolist()
+    with pytest.raises(ValueError, match="item index 30"):
+        fitted.similar_items(30, k=5)
+
+
+def test_history_recommendations_for_new_users(fitted: Recommender, ratings: sp.csr_matrix) -> None:
+    history = ratings[[1, 30]]
+    ids, _ = fitted.recommend_for_history(history, k=5)
+    assert ids.shape == (2, 5)
+    assert not np.isin(ids[0], history[0].indices).any()
+    if fitted.algorithm != "bpr":  # BPR's fold-in is a heuristic; the others are exact or stateless
+        trained_ids, _ = fitted.recommend([1, 30], history, k=5)
+        overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ids, trained_ids, strict=True)])
+        assert overlap >= 0.6
+
+
+@pytest.mark.parametrize("name", ["als", "bpr"])
+def test_factor_models_are_reproducible_with_a_seed(name: str, ratings: sp.csr_matrix) -> None:
+    first = fit_algorithm(name, ratings, TINY_PARAMS[name], seed=3, num_threads=2)
+    again = fit_algorithm(name, ratings, TINY_PARAMS[name], seed=3, num_threads=2)
+    other = fit_algorithm(name, ratings, TINY_PARAMS[name], seed=4, num_threads=2)
+    assert isinstance(first, FactorModel)
+    np.testing.assert_array_equal(first.item_factors, again.item_factors)
+    assert not np.array_equal(first.item_factors, other.item_factors)
+
+
+def test_als_fold_in_matches_implicit_recalculate_user(ratings: sp.csr_matrix) -> None:
+    params = {"factors": 6, "regularization": 2.0, "alpha": 4.0, "iterations": 8}
+    model = fit_algorithm("als", ratings, params, seed=1, num_threads=1)
+    assert isinstance(model, FactorModel)
+    reference = AlternatingLeastSquares(factors=6, regularization=2.0, alpha=4.0, num_threads=1)
+    reference.user_factors, reference.item_factors = model.user_factors, model.item_factors
+    rows = model.weighting.transform(ratings[[2, 9, 33]])
+    expected = reference.recalculate_user([2, 9, 33], rows)
+    np.testing.assert_allclose(model.fold_in(rows), expected, rtol=1e-3, atol=1e-5)
+    # recalculate_user=True in implicit's recommend gives the same ranking as fold-in here.
+    ids, _ = reference.recommend([2, 9, 33], rows, N=5, recalculate_user=True)
+    np.testing.assert_array_equal(model.recommend_for_history(ratings[[2, 9, 33]], 5)[0], ids)
+
+
+def test_ease_is_the_closed_form(ratings: sp.csr_matrix) -> None:
+    model = fit_algorithm("ease", ratings, {"l2": 3.0})
+    binary = (ratings > 0).astype(np.float64).toarray()
+    inverse = np.linalg.inv(binary.T @ binary + 3.0 * np.eye(30))
+    expected = np.eye(30) - inverse / np.diag(inverse)
+    np.testing.assert_allclose(model.to_arrays()["similarity"], expected, atol=1e-5)
+
+
+def test_ease_refuses_too_many_items(ratings: sp.csr_matrix) -> None:
+    with pytest.raises(ValueError, match=r"30 items exceeds max_items=20 \(about"):
+        fit_algorithm("ease", ratings, {"max_items": 20})
+
+
+def test_bad_requests_are_explained(ratings: sp.csr_matrix) -> None:
+    with pytest.raises(ValueError, match="unknown algorithm 'svd'"):
+        fit_algorithm("svd", ratings)
+    with pytest.raises(ValueError, match=r"unknown als parameters \['factor'\]"):
+        fit_algorithm("als", ratings, {"factor": 3})
+    model = fit_algorithm("popular", ratings)
+    with pytest.raises(ValueError, match="one history row per requested user"):
+        model.recommend([0, 1], ratings, k=3)
+    als = fit_algorithm("als", ratings, TINY_PARAMS["als"], num_threads=1)
+    with pytest.raises(ValueError, match="user indices must lie in 0..39"):
+        als.recommend([40], ratings[[0]], k=3)
+
+
+def test_unknown_algorithm_in_arrays() -> None:
+    with pytest.raises(ValueError, match="unknown algorithm 'svd'"):
+        from_arrays(
+            {
+                "algorithm": np.array("svd"),
+                "weighting.scheme": np.array("binary"),
+                "weighting.numbers": np.ones(4),
+                "weighting.binarise": np.array(True),
+            }
+        )
+
+
+def test_top_k_breaks_ties_by_item_index() -> None:
+    scores = np.array([[1.0, 3.0, 3.0, 0.5, 3.0]])
+    exclude = sp.csr_matrix(([1.0], ([0], [2])), shape=(1, 5))
+    ids, best = top_k(scores, 3, exclude)
+    assert ids.tolist() == [[1, 4, 0]] and best.tolist() == [[3.0, 3.0, 1.0]]
+
+
+def test_registry_fit_overlays_partial_params_on_defaults(ratings: sp.csr_matrix) -> None:
+    model = ALGORITHMS["als"].fit(ratings, {"factors": 4, "iterations": 2}, 1, num_threads=1)
+    assert isinstance(model, FactorModel) and model.item_factors.shape == (30, 4)
+    assert model.regularization == ALGORITHMS["als"].defaults["regularization"]
+
+
+def test_every_algorithm_declares_defaults_and_a_search_space() -> None:
+    for name, spec in ALGORITHMS.items():
+        params = spec.resolve_params()
+        assert set(spec.search_space) <= set(params), name
+        for dimension in spec.search_space.values():
+            assert dimension.kind in ("int", "float", "choice")
+            assert dimension.kind == "choice" or dimension.low < dimension.high

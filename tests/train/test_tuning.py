@@ -1,0 +1,102 @@
+"""Tuning and cross-validation: seeded, train-only, and honest about what was searched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import services.train.tuning as tuning
+from services.train.algorithms import Dimension
+from services.train.tuning import cross_validate, evaluate_model, split_matrices, tune
+from services.transform.splits import random_split
+
+
+@pytest.fixture(scope="module")
+def interactions() -> pd.DataFrame:
+    """60 users, 40 items, two taste groups, ~16 ratings per user."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for user in range(60):
+        liked = np.arange(20) if user < 30 else np.arange(20, 40)
+        others = np.setdiff1d(np.arange(40), liked)
+        items = np.concatenate([rng.choice(liked, 13, replace=False), rng.choice(others, 3)])
+        for position, item in enumerate(np.unique(items)):
+            rows.append((user + 100, int(item) + 500, int(rng.integers(1, 6)), 1_000 + position))
+    return pd.DataFrame(rows, columns=["user_id", "movie_id", "rating", "rated_at"])
+
+
+def test_tuning_is_reproducible_and_stays_in_the_space(interactions: pd.DataFrame) -> None:
+    train = random_split(interactions, 0.75, seed=1).train
+    first = tune("als", train, n_trials=4, seed=3, num_threads=1)
+    again = tune("als", train, n_trials=4, seed=3, num_threads=1)
+    pd.testing.assert_frame_equal(
+        first.trials.drop(columns="duration_s"), again.trials.drop(columns="duration_s")
+    )
+    assert first.best_params == again.best_params
+    assert first.metric == "ndcg@10" and len(first.trials) == 4
+    assert first.best_score == pytest.approx(first.trials["value"].max())
+    assert 16 <= first.best_params["factors"] <= 256
+    assert first.best_params["iterations"] == 15  # undeclared parameters keep their defaults
+
+
+def test_validation_comes_from_train_only(
+    interactions: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    split = random_split(interactions, 0.75, seed=1)
+    seen: list[pd.DataFrame] = []
+    original = tuning.validation_split
+
+    def recording_validation_split(frame: pd.DataFrame, like=None):
+        seen.append(frame)
+        return original(frame, like)
+
+    monkeypatch.setattr(tuning, "validation_split", recording_validation_split)
+    result = tune("ease", split.train, n_trials=2, seed=0, like=split.spec)
+    assert len(seen) == 1 and seen[0].index.equals(split.train.index)
+    assert result.validation is not None
+    assert result.validation.n_train + result.validation.n_test == len(split.train)
+    assert result.validation.params == split.spec.params
+
+
+def test_grid_search_tries_every_combination(interactions: pd.DataFrame) -> None:
+    train = random_split(interactions, 0.75, seed=1).train
+    result = tune("itemknn_bm25", train, grid={"neighbours": [5, 20], "knn_b": [0.2, 0.8]})
+    tried = set(zip(result.trials["neighbours"], result.trials["knn_b"], strict=True))
+    assert tried == {(5, 0.2), (5, 0.8), (20, 0.2), (20, 0.8)}
+
+
+def test_custom_space_and_fixed_params(interactions: pd.DataFrame) -> None:
+    train = random_split(interactions, 0.75, seed=1).train
+    space = {"l2": Dimension("float", 1.0, 10.0, log=True)}
+    result = tune("ease", train, n_trials=3, search_space=space, fixed_params={"max_items": 50})
+    assert 1.0 <= result.best_params["l2"] <= 10.0 and result.best_params["max_items"] == 50
+    with pytest.raises(ValueError, match="unknown ease parameters"):
+        tune("ease", train, n_trials=1, fixed_params={"lambda": 1.0})
+    with pytest.raises(ValueError, match="coverage"):
+        tune("ease", train, n_trials=1, metric="coverage")
+
+
+def test_algorithm_without_space_is_scored_once(interactions: pd.DataFrame) -> None:
+    result = tune("popular", random_split(interactions, 0.75, seed=1).train)
+    assert len(result.trials) == 1 and result.best_params["weighting"] == "binary"
+
+
+def test_tuned_model_beats_popularity_on_structured_data(interactions: pd.DataFrame) -> None:
+    split = random_split(interactions, 0.75, seed=1)
+    train, test = split_matrices(split, interactions)
+    scores = {}
+    for name in ("ease", "popular"):
+        best = tune(name, split.train, n_trials=5, seed=2, like=split.spec).best_params
+        model = tuning.fit_algorithm(name, train, best, seed=2)
+        scores[name] = evaluate_model(model, train, test, (5,))["ndcg@5"]
+    assert scores["ease"] > scores["popular"]
+
+
+def test_cross_validation_reports_mean_and_spread(interactions: pd.DataFrame) -> None:
+    result = cross_validate("ease", interactions, {"l2": 5.0}, folds=3, seed=4)
+    assert len(result.fold_scores) == 3 and result.metric == "ndcg@10"
+    assert result.mean == pytest.approx(np.mean(result.fold_scores))
+    assert result.std == pytest.approx(np.std(result.fold_scores, ddof=1))
+    cv_tuned = tune("ease", interactions, n_trials=2, cv_folds=3, seed=4)
+    assert cv_tuned.validation is None and len(cv_tuned.trials) == 2
