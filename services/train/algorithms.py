@@ -11,10 +11,8 @@ arrays (``to_arrays``/``from_arrays``) so they can be stored as npz without pick
 
 from __future__ import annotations
 
-import os
 import warnings
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -23,257 +21,16 @@ import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from services.transform.features import Weighting
+from shared.features import Weighting
+from shared.recommenders import (
+    FactorModel,
+    ItemSimilarityModel,
+    PopularityModel,
+    Recommender,
+    default_num_threads,
+)
 
 Params = Mapping[str, Any]
-SCORE_BLOCK_CELLS = 2**24  # bounds the dense users x items score block held at once (64 MB)
-
-
-def default_num_threads() -> int:
-    """CPUs this process may use (respects affinity masks such as container limits)."""
-    return max(len(os.sched_getaffinity(0)), 1) if hasattr(os, "sched_getaffinity") else 1
-
-
-def top_k(
-    scores: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Best ``k`` columns per row (ties by lower item index); excluded/-inf cells pad as -1."""
-    scores = np.array(scores, dtype=np.float32, copy=True)
-    if exclude is not None and exclude.nnz:
-        rows = np.repeat(np.arange(exclude.shape[0]), np.diff(exclude.indptr))
-        scores[rows, exclude.indices] = -np.inf
-    width = min(k, scores.shape[1])
-    candidates = np.argpartition(-scores, width - 1, axis=1)[:, :width]
-    candidate_scores = np.take_along_axis(scores, candidates, axis=1)
-    order = np.lexsort((candidates, -candidate_scores), axis=1)
-    ids = np.full((scores.shape[0], k), -1, dtype=np.int64)
-    best = np.full((scores.shape[0], k), -np.inf, dtype=np.float32)
-    ids[:, :width] = np.take_along_axis(candidates, order, axis=1)
-    best[:, :width] = np.take_along_axis(candidate_scores, order, axis=1)
-    ids[~np.isfinite(best)] = -1
-    return ids, best
-
-
-class Recommender(ABC):
-    """A fitted model: scores items for users from their (raw) interaction rows."""
-
-    def __init__(self, algorithm: str, weighting: Weighting, n_items: int) -> None:
-        self.algorithm = algorithm
-        self.weighting = weighting
-        self.n_items = n_items
-
-    @abstractmethod
-    def _score(self, user_indices: np.ndarray, rows: sp.csr_matrix) -> np.ndarray:
-        """Dense scores (len(users) x n_items) from trained user state and weighted rows;
-        a user index of -1 means "not trained on", scored from the row alone."""
-
-    @abstractmethod
-    def _state_arrays(self) -> dict[str, np.ndarray]:
-        """Model-specific arrays for :meth:`to_arrays`."""
-
-    def recommend(
-        self,
-        user_indices: Sequence[int] | np.ndarray,
-        user_items: sp.spmatrix,
-        k: int,
-        filter_seen: bool = True,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k item indices and scores (users x k) given each user's raw history row.
-
-        Index -1 marks a user the model was not trained on (factor models fold them in).
-        """
-        users = np.asarray(user_indices, dtype=np.int64).reshape(-1)
-        rows = sp.csr_matrix(user_items)
-        if rows.shape != (users.size, self.n_items):
-            raise ValueError(
-                f"user_items has shape {rows.shape}; expected one history row per requested "
-                f"user and one column per item ({users.size}, {self.n_items}), e.g. "
-                "train_csr[user_indices]"
-            )
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        ids = np.full((users.size, k), -1, dtype=np.int64)
-        scores = np.full((users.size, k), -np.inf, dtype=np.float32)
-        batch_users = max(1, SCORE_BLOCK_CELLS // max(self.n_items, 1))
-        for start in range(0, users.size, batch_users):
-            batch = slice(start, start + batch_users)
-            raw = rows[batch]
-            block = self._score(users[batch], self.weighting.transform(raw))
-            ids[batch], scores[batch] = top_k(block, k, raw if filter_seen else None)
-        return ids, scores
-
-    def recommend_for_history(
-        self, user_items: sp.spmatrix, k: int, filter_seen: bool = True
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k for users known only by raw history rows (new users; ALS uses fold-in)."""
-        n_rows = sp.csr_matrix(user_items).shape[0]
-        return self.recommend(np.full(n_rows, -1), user_items, k, filter_seen)
-
-    @abstractmethod
-    def _item_similarities(self, item_idx: int) -> np.ndarray:
-        """Similarity of every item to ``item_idx`` (-inf where there is none)."""
-
-    def similar_items(self, item_idx: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` items most similar to ``item_idx`` (itself excluded) and their scores."""
-        if not 0 <= item_idx < self.n_items:
-            raise ValueError(f"item index {item_idx} outside 0..{self.n_items - 1}")
-        scores = np.array(self._item_similarities(item_idx), dtype=np.float32).reshape(1, -1)
-        scores[0, item_idx] = -np.inf  # an item is not its own neighbour
-        ids, best = top_k(scores, k)
-        return ids[0], best[0]
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """All state as numpy arrays (npz-safe, no pickle)."""
-        arrays = {"algorithm": np.array(self.algorithm), "n_items": np.array(self.n_items)}
-        arrays.update(self.weighting.to_arrays())
-        arrays.update(self._state_arrays())
-        return arrays
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Recommender:
-        """Rebuild any model saved by :meth:`to_arrays`."""
-        return from_arrays(arrays)
-
-
-class FactorModel(Recommender):
-    """Matrix factorisation (ALS, BPR): score = user factors . item factors."""
-
-    def __init__(
-        self,
-        algorithm: str,
-        weighting: Weighting,
-        user_factors: np.ndarray,
-        item_factors: np.ndarray,
-        regularization: float,
-        alpha: float,
-    ) -> None:
-        super().__init__(algorithm, weighting, item_factors.shape[0])
-        self.user_factors = np.ascontiguousarray(user_factors, dtype=np.float32)
-        self.item_factors = np.ascontiguousarray(item_factors, dtype=np.float32)
-        self.regularization = float(regularization)
-        self.alpha = float(alpha)
-
-    def _score(self, user_indices: np.ndarray, rows: sp.csr_matrix) -> np.ndarray:
-        if user_indices.size and not -1 <= user_indices.min() <= user_indices.max() < len(
-            self.user_factors
-        ):
-            raise ValueError(
-                f"user indices must lie in 0..{len(self.user_factors) - 1}, or be -1 for users "
-                "the model was not trained on"
-            )
-        factors = self.user_factors[np.maximum(user_indices, 0)]
-        new_users = user_indices < 0
-        if new_users.any():
-            factors[new_users] = self.fold_in(rows[new_users])
-        return factors @ self.item_factors.T
-
-    def fold_in(self, rows: sp.csr_matrix) -> np.ndarray:
-        """User factors for weighted history rows, holding item factors fixed.
-
-        ALS: the exact per-user least-squares step of implicit's solver (confidence c = alpha *
-        value, A = YtY + reg*I + sum (c - 1) y y^T, b = sum c y). BPR has no closed form; its user
-        vector is the mean of the history's item factors with the bias coordinate set to 1.
-        """
-        factors = np.zeros((rows.shape[0], self.item_factors.shape[1]), dtype=np.float64)
-        item_factors = self.item_factors.astype(np.float64)
-        if self.algorithm == "bpr":
-            for u in range(rows.shape[0]):
-                items = rows.indices[rows.indptr[u] : rows.indptr[u + 1]]
-                if items.size:
-                    factors[u] = item_factors[items].mean(axis=0)
-                factors[u, -1] = 1.0  # implicit's BPR keeps a constant 1 against the item bias
-            return factors.astype(np.float32)
-        base = item_factors.T @ item_factors + self.regularization * np.eye(item_factors.shape[1])
-        for u in range(rows.shape[0]):
-            span = slice(rows.indptr[u], rows.indptr[u + 1])
-            items, confidence = rows.indices[span], self.alpha * rows.data[span].astype(np.float64)
-            if items.size == 0:
-                continue
-            y = item_factors[items]
-            a = base + (y.T * (confidence - 1.0)) @ y
-            factors[u] = np.linalg.solve(a, y.T @ confidence)
-        return factors.astype(np.float32)
-
-    def _item_similarities(self, item_idx: int) -> np.ndarray:
-        norms = np.linalg.norm(self.item_factors, axis=1)
-        unit = self.item_factors / np.where(norms == 0, 1.0, norms)[:, None]
-        return unit @ unit[item_idx]  # cosine of item factors
-
-    def _state_arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "user_factors": self.user_factors,
-            "item_factors": self.item_factors,
-            "factor_hyper": np.array([self.regularization, self.alpha]),
-        }
-
-
-class ItemSimilarityModel(Recommender):
-    """Item-item models (kNN, EASE): score = weighted history row @ item x item matrix."""
-
-    def __init__(
-        self, algorithm: str, weighting: Weighting, similarity: np.ndarray | sp.csr_matrix
-    ) -> None:
-        super().__init__(algorithm, weighting, similarity.shape[1])
-        self.similarity = (
-            sp.csr_matrix(similarity) if sp.issparse(similarity) else np.asarray(similarity)
-        )
-
-    def _score(self, user_indices: np.ndarray, rows: sp.csr_matrix) -> np.ndarray:
-        scores = rows @ self.similarity
-        return scores.toarray() if sp.issparse(scores) else np.asarray(scores)
-
-    def _item_similarities(self, item_idx: int) -> np.ndarray:
-        if not sp.issparse(self.similarity):
-            return self.similarity[item_idx]
-        row = self.similarity[item_idx].toarray()[0]
-        return np.where(row != 0, row, -np.inf)  # pruned neighbours must not outrank real ones
-
-    def _state_arrays(self) -> dict[str, np.ndarray]:
-        if not sp.issparse(self.similarity):
-            return {"similarity": self.similarity}
-        s = self.similarity
-        return {
-            "similarity.data": s.data,
-            "similarity.indices": s.indices,
-            "similarity.indptr": s.indptr,
-            "similarity.shape": np.array(s.shape),
-        }
-
-
-class PopularityModel(Recommender):
-    """Most-popular baseline: every user gets the items with most training interactions."""
-
-    def __init__(self, algorithm: str, weighting: Weighting, popularity: np.ndarray) -> None:
-        super().__init__(algorithm, weighting, popularity.size)
-        self.popularity = np.asarray(popularity, dtype=np.float32)
-
-    def _score(self, user_indices: np.ndarray, rows: sp.csr_matrix) -> np.ndarray:
-        return np.broadcast_to(self.popularity, (rows.shape[0], self.n_items))
-
-    def _item_similarities(self, item_idx: int) -> np.ndarray:
-        return self.popularity  # no notion of similarity: the most popular other items
-
-    def _state_arrays(self) -> dict[str, np.ndarray]:
-        return {"popularity": self.popularity}
-
-
-def from_arrays(arrays: Mapping[str, np.ndarray]) -> Recommender:
-    """Rebuild a model from :meth:`Recommender.to_arrays` output (e.g. a loaded npz)."""
-    algorithm = str(arrays["algorithm"])
-    weighting = Weighting.from_arrays(dict(arrays))
-    if algorithm in ("als", "bpr"):
-        regularization, alpha = (float(x) for x in arrays["factor_hyper"])
-        user_factors, item_factors = arrays["user_factors"], arrays["item_factors"]
-        return FactorModel(algorithm, weighting, user_factors, item_factors, regularization, alpha)
-    if algorithm == "popular":
-        return PopularityModel(algorithm, weighting, arrays["popularity"])
-    if algorithm in ("ease", "itemknn_cosine", "itemknn_bm25"):
-        if "similarity" in arrays:
-            return ItemSimilarityModel(algorithm, weighting, np.asarray(arrays["similarity"]))
-        parts = (arrays[f"similarity.{p}"] for p in ("data", "indices", "indptr"))
-        shape = tuple(int(x) for x in arrays["similarity.shape"])
-        return ItemSimilarityModel(algorithm, weighting, sp.csr_matrix(tuple(parts), shape=shape))
-    raise ValueError(f"unknown algorithm {algorithm!r} in arrays; known: {sorted(ALGORITHMS)}")
 
 
 # ---- fitting -------------------------------------------------------------------------------
@@ -395,7 +152,7 @@ class Dimension:
     values: tuple[Any, ...] = ()
 
 
-# Weighting keys every algorithm accepts (see services.transform.features.Weighting).
+# Weighting keys every algorithm accepts (see shared.features.Weighting).
 WEIGHTING_DEFAULTS: dict[str, Any] = {
     "weighting": "binary", "weight_alpha": 1.0, "weight_threshold": 4.0,
     "bm25_k1": 1.2, "bm25_b": 0.75, "weight_binarise": True,

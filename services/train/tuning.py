@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +18,10 @@ import optuna
 import pandas as pd
 import scipy.sparse as sp
 
-from services.train.algorithms import ALGORITHMS, Dimension, Recommender, fit_algorithm
-from services.transform.features import IdIndex, interactions_csr
-from services.transform.splits import Split, SplitSpec, kfold_splits, validation_split
-from shared.metrics import evaluate, item_popularity
+from services.train.algorithms import ALGORITHMS, Dimension, fit_algorithm
+from shared.features import IdIndex, interactions_csr
+from shared.recommenders import evaluate_model
+from shared.splits import Split, SplitSpec, kfold_splits, validation_split
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,20 +44,6 @@ class CrossValidationResult:
     mean: float
     std: float
     fold_scores: tuple[float, ...]
-
-
-def evaluate_model(
-    model: Recommender,
-    train_csr: sp.spmatrix,
-    test_csr: sp.spmatrix,
-    k_values: Iterable[int] = (10,),
-) -> dict[str, float]:
-    """Recommend for every user with test items (train items filtered) and compute metrics."""
-    train, test = sp.csr_matrix(train_csr), sp.csr_matrix(test_csr)
-    users = np.flatnonzero(np.diff(test.indptr))
-    ks = sorted(set(k_values))
-    recs, _ = model.recommend(users, train[users], max(ks))
-    return evaluate(recs, test[users], ks, item_popularity(train), train_seen=train[users])
 
 
 def split_matrices(split: Split, reference: pd.DataFrame) -> tuple[sp.csr_matrix, sp.csr_matrix]:

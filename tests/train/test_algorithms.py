@@ -9,15 +9,9 @@ import pytest
 import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 
-import services.train.algorithms as algorithms
-from services.train.algorithms import (
-    ALGORITHMS,
-    FactorModel,
-    Recommender,
-    fit_algorithm,
-    from_arrays,
-    top_k,
-)
+import shared.recommenders as recommenders
+from services.train.algorithms import ALGORITHMS, fit_algorithm
+from shared.recommenders import FactorModel, Recommender, from_arrays, top_k
 
 # Small factor counts and few iterations keep these fits instantaneous.
 TINY_PARAMS = {
@@ -73,7 +67,7 @@ def test_scoring_in_blocks_changes_nothing(
 ) -> None:
     users = np.arange(40)
     expected_ids, expected_scores = fitted.recommend(users, ratings, k=6)
-    monkeypatch.setattr(algorithms, "SCORE_BLOCK_CELLS", 7 * 30)  # 7 users per block
+    monkeypatch.setattr(recommenders, "SCORE_BLOCK_CELLS", 7 * 30)  # 7 users per block
     ids, scores = fitted.recommend(users, ratings, k=6)
     np.testing.assert_array_equal(ids, expected_ids)
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-6)

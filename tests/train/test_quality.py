@@ -16,8 +16,9 @@ import pandas as pd
 import pytest
 
 from services.train.algorithms import ALGORITHMS, fit_algorithm
-from services.train.tuning import evaluate_model, split_matrices, tune
-from services.transform.splits import random_split
+from services.train.tuning import split_matrices, tune
+from shared.recommenders import evaluate_model
+from shared.splits import random_split
 
 pytestmark = pytest.mark.slow
 

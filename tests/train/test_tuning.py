@@ -8,8 +8,9 @@ import pytest
 
 import services.train.tuning as tuning
 from services.train.algorithms import Dimension
-from services.train.tuning import cross_validate, evaluate_model, split_matrices, tune
-from services.transform.splits import random_split
+from services.train.tuning import cross_validate, split_matrices, tune
+from shared.recommenders import evaluate_model
+from shared.splits import random_split
 
 
 @pytest.fixture(scope="module")

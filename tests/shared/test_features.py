@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 from implicit.nearest_neighbours import bm25_weight, tfidf_weight
 
-from services.transform.features import (
+from shared.features import (
     IdIndex,
     Weighting,
     centre_user_ratings,

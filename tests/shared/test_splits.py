@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from services.transform.splits import (
+from shared.splits import (
     Split,
     kfold_splits,
     leave_last_n,
