@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import typer
@@ -20,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from shared.errors import RecsysError
 from shared.settings import SettingsError, get_settings
 
 app = typer.Typer(help="MovieLens recommender: ingest, train, serve, evaluate.",
@@ -28,10 +28,6 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 err = Console(stderr=True)
 out = Console()
-
-PIPELINE_STAGES: list[tuple[str, str]] = [
-    ("ingest", "ingest.load"),
-]
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -114,12 +110,10 @@ def ingest(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object last."),
 ) -> None:
     """Load MovieLens ratings and movies into the database."""
-    from services.ingest.errors import IngestError
-
     source = source or get_settings().data_source
     try:
         result = run_ingest(source, dataset, lenient)
-    except IngestError as error:
+    except RecsysError as error:
         fail(str(error))
     if as_json:
         emit_json(result)
@@ -129,40 +123,63 @@ def ingest(
 
 @app.command()
 def pipeline(
-    stages: str = typer.Option(None, "--stages", help="'all', or a comma-separated list."),
+    stages: str = typer.Option(None, "--stages", help="'all', or a comma-separated list of "
+                               "ingest, transform, train, register, evaluate, promote."),
     stage: str = typer.Option(None, "--stage", help="Run one stage."),
-    source: str = typer.Option(None, "--source", help="Data source for ingest."),
+    source: str = typer.Option(None, "--source", help="Data source for ingest (DATA_SOURCE)."),
+    protocol: str = typer.Option(None, "--protocol", help="random, temporal or leave-last-n "
+                                 "(EVAL_PROTOCOL)."),
+    algorithms: str = typer.Option(None, "--algorithms", help="Comma-separated algorithms to "
+                                   "train (all when omitted)."),
+    trials: int = typer.Option(None, "--trials", min=1, help="Tuning trials per algorithm "
+                               "(each algorithm's own budget when omitted)."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds to wait for the chain."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object last."),
 ) -> None:
-    """Run the pipeline's stages in order (every stage that exists, with --stages all)."""
-    from services.ingest.errors import IngestError
-    from shared.celery_app import task_available
+    """Run the pipeline's stages in order as a Celery chain (every stage, with --stages all)."""
+    from shared.pipeline import PipelineError, run_pipeline
+    from shared.settings import EvalProtocol
 
-    names = [name for name, _ in PIPELINE_STAGES]
-    if stage and stages:
-        fail("give --stage or --stages, not both", 2)
-    wanted = [stage] if stage else (names if (stages or "all") == "all" else stages.split(","))
-    unknown = [w for w in wanted if w not in names]
-    if unknown:
-        fail(f"unknown stage {', '.join(unknown)}; stages are {', '.join(names)}", 2)
-    clock = time.perf_counter()
-    summary: dict[str, Any] = {"stages": []}
-    for name, task in PIPELINE_STAGES:
-        if name not in wanted or not task_available(task):
-            continue
-        try:
-            if name == "ingest":
-                summary["ingest"] = run_ingest(source or get_settings().data_source, None, False)
-        except IngestError as error:
-            fail(str(error))
-        summary["stages"].append(name)
-    summary["seconds"] = round(time.perf_counter() - clock, 3)
+    if protocol and protocol not in {p.value for p in EvalProtocol}:
+        fail(f"--protocol {protocol!r} is not one of random, temporal, leave-last-n", 2)
+    ensure_embedded_schema()
+    options = {"source": source or get_settings().data_source, "protocol": protocol,
+               "algorithms": algorithms.split(",") if algorithms else None, "trials": trials}
+    try:
+        with err.status("pipeline running ...") if err.is_terminal else nullcontext():
+            summary = run_pipeline(stages, stage, timeout=timeout, **options)
+    except PipelineError as error:
+        fail(str(error), 2)
+    except RecsysError as error:
+        fail(str(error))
     if as_json:
         emit_json(summary)
-    else:
-        for name in summary["stages"]:
-            print_summary(f"stage {name}", summary[name])
-        out.print(f"pipeline finished in {summary['seconds']} s: {', '.join(summary['stages'])}")
+        return
+    print_pipeline(summary)
+
+
+def print_pipeline(summary: dict[str, Any]) -> None:
+    if "ingest" in summary:
+        out.print(f"ingest: {summary['ingest']['message']}")
+    if "snapshot" in summary:
+        out.print(f"snapshot: {summary['snapshot']}")
+    if "models" in summary:
+        table = Table(title="models on the snapshot's test split")
+        for column in ("version", "algorithm", "ndcg@10", "precision@10", "recall@10",
+                       "map@10", "coverage@10"):
+            table.add_column(column)
+        for model in summary["models"]:
+            m = model["metrics"]
+            table.add_row(str(model["version"]), model["algorithm"],
+                          *(f"{m.get(key, float('nan')):.4f}" for key in (
+                              "ndcg@10", "precision@10", "recall@10", "map@10", "coverage@10")))
+        out.print(table)
+    if "champion" in summary:
+        champion = summary["champion"]
+        verdict = "promoted" if summary["promoted"] else "not promoted"
+        out.print(f"champion: v{champion['version']} {champion['algorithm']} "
+                  f"({verdict}: {summary['reason']})")
+    out.print(f"pipeline finished in {summary['seconds']} s: {', '.join(summary['stages'])}")
 
 
 @app.command()

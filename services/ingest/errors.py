@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from shared.errors import RecsysError
 
-class IngestError(Exception):
+
+class IngestError(RecsysError):
     """The source cannot be ingested; the message names the input and what was wrong."""
 
 

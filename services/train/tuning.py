@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,13 +102,6 @@ def tune(
     with ``cv_folds`` each trial scores the mean over per-user folds of ``train``. The search is
     seeded TPE over the algorithm's declared space, or an exhaustive grid when ``grid`` is given.
     """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
-    spec = ALGORITHMS[algorithm]
-    key = _metric_key(metric, k)
-    space = dict(spec.search_space if search_space is None else search_space)
-    fixed = dict(fixed_params or {})
-    spec.resolve_params({**fixed, **dict.fromkeys(grid or space)})  # raises on unknown names
     if cv_folds:
         splits = kfold_splits(train, k=cv_folds, seed=seed)
         validation = None
@@ -116,6 +109,39 @@ def tune(
         splits = [validation_split(train, like)]
         validation = splits[0].spec
     matrices = [split_matrices(split, train) for split in splits]
+    return tune_matrices(
+        algorithm, matrices, n_trials=n_trials, seed=seed, k=k, metric=metric,
+        search_space=search_space, grid=grid, fixed_params=fixed_params,
+        num_threads=num_threads, validation=validation,
+    )
+
+
+def tune_matrices(
+    algorithm: str,
+    matrices: Sequence[tuple[sp.csr_matrix, sp.csr_matrix]],
+    *,
+    n_trials: int = 20,
+    seed: int = 42,
+    k: int = 10,
+    metric: str = "ndcg",
+    search_space: Mapping[str, Dimension] | None = None,
+    grid: Mapping[str, Sequence[Any]] | None = None,
+    fixed_params: Mapping[str, Any] | None = None,
+    num_threads: int = 0,
+    validation: SplitSpec | None = None,
+    on_trial: Callable[[int, float], None] | None = None,
+) -> TuningResult:
+    """The search itself, over (fit matrix, held-out matrix) pairs that never touch test.
+
+    A snapshot carries its validation pair ready-made; ``tune`` builds them from a frame.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
+    spec = ALGORITHMS[algorithm]
+    key = _metric_key(metric, k)
+    space = dict(spec.search_space if search_space is None else search_space)
+    fixed = dict(fixed_params or {})
+    spec.resolve_params({**fixed, **dict.fromkeys(grid or space)})  # raises on unknown names
 
     def score(params: Mapping[str, Any]) -> float:
         values = []
@@ -148,6 +174,8 @@ def tune(
             else suggest_params(trial, space)
         )
         value = score(spec.resolve_params({**fixed, **drawn}))
+        if on_trial is not None:
+            on_trial(trial.number, value)
         rows.append(
             {
                 "number": trial.number,

@@ -1,11 +1,15 @@
 """Database models, sessions and migrations shared by every service."""
 
 from shared.db.models import (
+    AliasChange,
     Base,
     IngestBatch,
     IngestReject,
+    ModelAlias,
+    ModelVersion,
     Movie,
     Rating,
+    Snapshot,
     Tag,
     TaskKey,
     UserProfile,
@@ -13,11 +17,15 @@ from shared.db.models import (
 from shared.db.session import engine_for, get_engine, migrate, session_scope
 
 __all__ = [
+    "AliasChange",
     "Base",
     "IngestBatch",
     "IngestReject",
+    "ModelAlias",
+    "ModelVersion",
     "Movie",
     "Rating",
+    "Snapshot",
     "Tag",
     "TaskKey",
     "UserProfile",

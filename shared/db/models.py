@@ -16,6 +16,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
     func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -123,4 +124,70 @@ class TaskKey(Base):
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     task_name: Mapped[str] = mapped_column(String(100), nullable=False)
     result: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    created_at: Mapped[dt.datetime] = _now()
+
+
+class Snapshot(Base):
+    """A dataset snapshot: id maps, CSR splits and statistics, stored in the artifact store.
+
+    The id is a hash of the ratings' fingerprint and the settings that made it, so the
+    same ratings with the same settings always name the same snapshot."""
+
+    __tablename__ = "snapshot"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ratings_fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)
+    protocol: Mapped[str] = mapped_column(String(32), nullable=False)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    counts: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    artifact_path: Mapped[str] = mapped_column(Text, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = _now()
+
+
+class ModelVersion(Base):
+    """One registered model: what made it, where its arrays are, how it scored."""
+
+    __tablename__ = "model_version"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    algorithm: Mapped[str] = mapped_column(String(32), nullable=False)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    snapshot_id: Mapped[str] = mapped_column(ForeignKey("snapshot.id"), nullable=False,
+                                             index=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    artifact_path: Mapped[str] = mapped_column(Text, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    fit_key: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = _now()
+
+
+class ModelAlias(Base):
+    """MLflow-style alias (champion, challenger) pointing at one version of a model."""
+
+    __tablename__ = "model_alias"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    updated_at: Mapped[dt.datetime] = _now()
+
+
+class AliasChange(Base):
+    """Every move of an alias, so rollback knows where it came from and why."""
+
+    __tablename__ = "alias_change"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    alias: Mapped[str] = mapped_column(String(32), nullable=False)
+    from_version: Mapped[int | None] = mapped_column(Integer)
+    to_version: Mapped[int | None] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(16), nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
     created_at: Mapped[dt.datetime] = _now()

@@ -1,0 +1,40 @@
+"""Celery tasks of the train service (queue `train`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.train.training import TrainingError, fit_on_snapshot, load_snapshot, train_many
+from shared.artifacts import ArtifactError
+from shared.celery_app import service_task
+
+
+def _progress(task: Any) -> Any:
+    """Task state PROGRESS with the current trial, visible in Flower and to callers."""
+    if task.request.is_eager:
+        return None
+    return lambda stage, meta: task.update_state(state="PROGRESS", meta={"stage": stage, **meta})
+
+
+@service_task("train.fit")
+def fit(self: Any, snapshot: dict[str, Any], algorithm: str = "als",
+        params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit one algorithm on a snapshot's train split with given or default parameters."""
+    try:
+        result = fit_on_snapshot(load_snapshot(snapshot), algorithm, params,
+                                 progress=_progress(self))
+    except (TrainingError, ArtifactError) as error:
+        raise TrainingError(str(error)) from None
+    return {**result, "task_id": self.request.id}
+
+
+@service_task("train.tune")
+def tune(self: Any, snapshot: dict[str, Any], algorithms: list[str] | None = None,
+         n_trials: int | None = None) -> list[dict[str, Any]]:
+    """Tune every algorithm on the snapshot's validation pair, then fit each on train."""
+    try:
+        results = train_many(snapshot, algorithms, tune=True, n_trials=n_trials,
+                             progress=_progress(self))
+    except (TrainingError, ArtifactError) as error:
+        raise TrainingError(str(error)) from None
+    return [{**r, "task_id": self.request.id} for r in results]

@@ -1,0 +1,118 @@
+"""Training on a snapshot: tune on its validation pair, fit on its train split, store arrays.
+
+The train service reads snapshots from the artifact store and writes model artifacts
+there; it never touches the database. Registering the result is the registry's job.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from services.train.algorithms import ALGORITHMS, fit_algorithm
+from services.train.tuning import tune_matrices
+from shared.artifacts import arrays_to_csr, read_artifact, write_artifact
+from shared.errors import RecsysError
+from shared.recommenders import default_num_threads, evaluate_model
+from shared.settings import get_settings
+
+Progress = Callable[[str, dict[str, Any]], None]
+DEFAULT_ALGORITHMS = ("popular", "itemknn_cosine", "itemknn_bm25", "als", "bpr", "ease")
+
+
+class TrainingError(RecsysError):
+    """A training request names an unknown algorithm, bad parameters or a bad snapshot."""
+
+
+@dataclass
+class SnapshotData:
+    """The arrays of a snapshot that training reads."""
+
+    info: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    def matrix(self, name: str) -> sp.csr_matrix:
+        return arrays_to_csr(name, self.arrays)
+
+
+def load_snapshot(snapshot: dict[str, Any]) -> SnapshotData:
+    """Read a snapshot artifact, verified against its recorded sha256."""
+    arrays, _manifest = read_artifact(snapshot["artifact_path"], snapshot["sha256"])
+    return SnapshotData(snapshot, arrays)
+
+
+def default_params(algorithm: str) -> dict[str, Any]:
+    """The algorithm's frozen defaults; ALS takes ALS_RANK and ALS_ITERATIONS."""
+    if algorithm not in ALGORITHMS:
+        raise TrainingError(f"unknown algorithm {algorithm!r}; one of {', '.join(ALGORITHMS)}")
+    params = ALGORITHMS[algorithm].resolve_params()
+    if algorithm == "als":
+        settings = get_settings()
+        params.update(factors=settings.als_rank, iterations=settings.als_iterations)
+    return params
+
+
+def threads() -> int:
+    configured = get_settings().train_threads
+    return configured if configured > 0 else default_num_threads()
+
+
+def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] | None = None,
+                    tune: bool = False, n_trials: int | None = None,
+                    progress: Progress | None = None) -> dict[str, Any]:
+    """Tune (optionally) on validation, fit on train, store the model; a JSON-able record."""
+    settings = get_settings()
+    started = time.perf_counter()
+    try:
+        base = {**default_params(algorithm), **(params or {})}
+        ALGORITHMS[algorithm].resolve_params(base)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    pair = (data.matrix("validation_train"), data.matrix("validation_test"))
+    spec = ALGORITHMS[algorithm]
+    if tune and spec.search_space:
+        trials = n_trials or spec.n_trials or 10
+        result = tune_matrices(
+            algorithm, [pair], n_trials=trials, seed=settings.seed, fixed_params={
+                k: v for k, v in base.items() if k not in spec.search_space},
+            num_threads=threads(),
+            on_trial=(lambda number, value: progress("trial", {
+                "algorithm": algorithm, "trial": number + 1, "trials": trials,
+                "value": value})) if progress else None)
+        chosen, validation = result.best_params, {result.metric: result.best_score}
+    else:
+        chosen = spec.resolve_params(base)
+        model = fit_algorithm(algorithm, pair[0], chosen, settings.seed, threads())
+        validation = {"ndcg@10": evaluate_model(model, pair[0], pair[1], (10,))["ndcg@10"]}
+    if progress:
+        progress("fit", {"algorithm": algorithm, "params": chosen})
+    model = fit_algorithm(algorithm, data.matrix("train"), chosen, settings.seed, threads())
+    arrays = {**model.to_arrays(), "user_ids": data.arrays["user_ids"],
+              "item_ids": data.arrays["item_ids"]}
+    manifest = {"kind": "model", "algorithm": algorithm, "params": chosen,
+                "snapshot_id": data.info["snapshot_id"], "seed": settings.seed,
+                "validation": {f"validation_{k}": v for k, v in validation.items()}}
+    ref = write_artifact("models", arrays, manifest)
+    return {"algorithm": algorithm, "params": chosen, "artifact_path": ref.path,
+            "sha256": ref.sha256, "snapshot": data.info,
+            "validation": manifest["validation"], "tuned": bool(tune and spec.search_space),
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None,
+               tune: bool = True, n_trials: int | None = None,
+               progress: Progress | None = None) -> list[dict[str, Any]]:
+    """Every requested algorithm on one snapshot, loaded once."""
+    names = list(algorithms or DEFAULT_ALGORITHMS)
+    unknown = [n for n in names if n not in ALGORITHMS]
+    if unknown:
+        raise TrainingError(f"unknown algorithm(s) {', '.join(unknown)}; "
+                            f"one of {', '.join(ALGORITHMS)}")
+    data = load_snapshot(snapshot)
+    return [fit_on_snapshot(data, name, tune=tune, n_trials=n_trials, progress=progress)
+            for name in names]
