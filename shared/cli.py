@@ -216,6 +216,79 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
     out.print(f"database at revision {revision}")
 
 
+models_app = typer.Typer(help="The model registry: versions and aliases.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+def registry_call(name: str, *args: Any) -> Any:
+    """Reads run here; alias moves go through the registry service's queue."""
+    from shared.celery_app import run_task
+
+    try:
+        if name == "list":
+            from services.registry.registry import list_versions
+
+            return list_versions()
+        if name == "show":
+            from services.registry.registry import resolve
+
+            return resolve(args[0])
+        return run_task(f"registry.{name}", dict(zip(("version", "alias", "reason")
+                                                       if name == "promote" else
+                                                       ("alias", "reason"), args, strict=False)),
+                        timeout=120)
+    except RecsysError as error:
+        fail(str(error))
+
+
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every registered version with its aliases and test nDCG@10."""
+    ensure_embedded_schema()
+    versions = registry_call("list")
+    if as_json:
+        emit_json({"models": versions})
+        return
+    table = Table(title="model versions")
+    for column in ("version", "algorithm", "aliases", "ndcg@10", "precision@10", "snapshot",
+                   "created"):
+        table.add_column(column)
+    for v in versions:
+        metrics = v["metrics"]
+        table.add_row(str(v["version"]), v["algorithm"], ",".join(v["aliases"]),
+                      f"{metrics.get('ndcg@10', float('nan')):.4f}",
+                      f"{metrics.get('precision@10', float('nan')):.4f}", v["snapshot"][:12],
+                      (v["created_at"] or "")[:19])
+    out.print(table)
+
+
+@models_app.command("show")
+def models_show(version: str = typer.Argument("latest", help="A number, 'latest' (the "
+                                             "champion) or 'challenger'.")) -> None:
+    """One version in full, as JSON."""
+    ensure_embedded_schema()
+    emit_json(registry_call("show", version))
+
+
+@models_app.command("promote")
+def models_promote(version: int = typer.Argument(...),
+                   alias: str = typer.Option("champion", "--alias"),
+                   reason: str = typer.Option("promoted by hand", "--reason")) -> None:
+    """Point an alias at a version (publishes model.promoted)."""
+    ensure_embedded_schema()
+    moved = registry_call("promote", version, alias, reason)
+    out.print(f"{moved['alias']}: v{moved['previous']} -> v{moved['version']}")
+
+
+@models_app.command("rollback")
+def models_rollback(alias: str = typer.Option("champion", "--alias"),
+                    reason: str = typer.Option("rolled back by hand", "--reason")) -> None:
+    """Move an alias back to the version it held before its last promotion."""
+    ensure_embedded_schema()
+    moved = registry_call("rollback", alias, reason)
+    out.print(f"{moved['alias']}: v{moved['previous']} -> v{moved['version']}")
+
+
 stack_app = typer.Typer(help="Run docker-compose.yml's app services as local processes.",
                         no_args_is_help=True)
 app.add_typer(stack_app, name="stack")

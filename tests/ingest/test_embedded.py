@@ -26,7 +26,9 @@ def embedded_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_pipeline_runs_on_embedded_defaults(tmp_path: Path, ml100k: Path) -> None:
+    """The README's first command: the whole job, no servers, and the quality bar."""
     env = embedded_env(tmp_path, DATA_SOURCE=str(ml100k))
     done = subprocess.run(
         [*recsys_command(), "pipeline", "--stages", "all", "--json"],
@@ -42,6 +44,16 @@ def test_pipeline_runs_on_embedded_defaults(tmp_path: Path, ml100k: Path) -> Non
     ingest = summary["ingest"]
     assert (ingest["ratings"], ingest["users"], ingest["movies"]) == (100_000, 943, 1682)
     assert (tmp_path / "data" / "recsys.sqlite3").exists()
+    # The model side on ml-100k, random protocol, seed 42, tuned on validation only.
+    by_algorithm = {m["algorithm"]: m["metrics"] for m in summary["models"]}
+    champion = summary["champion"]
+    assert champion["metrics"]["ndcg@10"] >= 0.47
+    assert champion["metrics"]["precision@10"] >= 0.405
+    assert by_algorithm["als"]["ndcg@10"] >= 0.42
+    assert 0.22 <= by_algorithm["popular"]["ndcg@10"] <= 0.28
+    assert all(f"{name}@{k}" in champion["metrics"] for name in ("ndcg", "precision", "recall",
+               "map") for k in (5, 10, 20))
+    assert summary["promoted"] is True
     again = subprocess.run(
         [*recsys_command(), "ingest", "--json"],
         cwd=tmp_path,
