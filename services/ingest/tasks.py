@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.ingest.errors import IngestError
+from services.ingest.feedback import store_feedback, store_impressions
 from services.ingest.ingest import ingest_source
 from shared.celery_app import service_task
 from shared.settings import get_settings
@@ -21,3 +22,17 @@ def load(
         # Plain message: the caller's side rebuilds the exception from JSON.
         raise IngestError(str(error)) from None
     return result.to_dict()
+
+
+# Accepted feedback must never be dropped: retry for as long as the database is down,
+# the message staying unacknowledged on the queue meanwhile (acks late).
+@service_task("ingest.feedback", max_retries=None, retry_backoff_max=30)
+def feedback(self: Any, events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Persist feedback events accepted by serve (idempotent by event id)."""
+    return store_feedback(events)
+
+
+@service_task("ingest.impressions", max_retries=None, retry_backoff_max=30)
+def impressions(self: Any, lists: list[dict[str, Any]]) -> dict[str, Any]:
+    """Persist served recommendation lists, one row per item and position."""
+    return store_impressions(lists)

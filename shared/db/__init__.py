@@ -3,6 +3,8 @@
 from shared.db.models import (
     AliasChange,
     Base,
+    Feedback,
+    Impression,
     IngestBatch,
     IngestReject,
     ModelAlias,
@@ -19,6 +21,8 @@ from shared.db.session import engine_for, get_engine, migrate, session_scope
 __all__ = [
     "AliasChange",
     "Base",
+    "Feedback",
+    "Impression",
     "IngestBatch",
     "IngestReject",
     "ModelAlias",

@@ -191,3 +191,40 @@ class AliasChange(Base):
     action: Mapped[str] = mapped_column(String(16), nullable=False)
     reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
     created_at: Mapped[dt.datetime] = _now()
+
+
+class Feedback(Base):
+    """A user's reaction to a movie, posted to serve and persisted by the ingest service.
+
+    `event_id` is assigned by serve when it accepts the event, so a redelivered message
+    stores the event once."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    user_id: Mapped[int] = mapped_column(Integer, nullable=False, index=True)
+    movie_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    type: Mapped[str] = mapped_column(String(16), nullable=False)
+    value: Mapped[float | None] = mapped_column(REAL)
+    request_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    occurred_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    received_at: Mapped[dt.datetime] = _now()
+
+
+class Impression(Base):
+    """One item of one served recommendation list, for the online metrics."""
+
+    __tablename__ = "impression"
+    __table_args__ = (UniqueConstraint("request_id", "position"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    user_id: Mapped[int] = mapped_column(Integer, nullable=False, index=True)
+    movie_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    position: Mapped[int] = mapped_column(Integer, nullable=False)
+    model_version: Mapped[int | None] = mapped_column(Integer)
+    variant: Mapped[str] = mapped_column(String(16), nullable=False)
+    source: Mapped[str] = mapped_column(String(16), nullable=False)
+    served_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False,
+                                                   index=True)
