@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import typer
@@ -133,6 +133,8 @@ def pipeline(
                                    "train (all when omitted)."),
     trials: int = typer.Option(None, "--trials", min=1, help="Tuning trials per algorithm "
                                "(each algorithm's own budget when omitted)."),
+    cv_folds: int = typer.Option(None, "--cv-folds", min=2, help="Also report k-fold "
+                                 "cross-validation (mean, spread) of each tuned model."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Seconds to wait for the chain."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object last."),
 ) -> None:
@@ -144,9 +146,10 @@ def pipeline(
         fail(f"--protocol {protocol!r} is not one of random, temporal, leave-last-n", 2)
     ensure_embedded_schema()
     options = {"source": source or get_settings().data_source, "protocol": protocol,
-               "algorithms": algorithms.split(",") if algorithms else None, "trials": trials}
+               "algorithms": algorithms.split(",") if algorithms else None, "trials": trials,
+               "cv_folds": cv_folds}
     try:
-        with err.status("pipeline running ...") if err.is_terminal else nullcontext():
+        with pipeline_status():
             summary = run_pipeline(stages, stage, timeout=timeout, **options)
     except PipelineError as error:
         fail(str(error), 2)
@@ -156,6 +159,27 @@ def pipeline(
         emit_json(summary)
         return
     print_pipeline(summary)
+
+
+@contextmanager
+def pipeline_status() -> Iterator[None]:
+    """A live status line on a terminal: the stage, and each tuning trial as it ends."""
+    if not err.is_terminal:
+        yield
+        return
+    from shared.progress import listening
+
+    with err.status("pipeline running ...") as status:
+
+        def show(stage: str, meta: dict[str, Any]) -> None:
+            if stage == "trial":
+                status.update(f"train: {meta['algorithm']} trial {meta['trial']}/"
+                              f"{meta['trials']} (validation {meta['value']:.4f})")
+            else:
+                status.update(f"train: fitting {meta['algorithm']} on the train split")
+
+        with listening(show):
+            yield
 
 
 def print_pipeline(summary: dict[str, Any]) -> None:

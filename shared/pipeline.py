@@ -82,7 +82,8 @@ def build_chain(chosen: list[Stage], options: dict[str, Any]) -> Any:
     kwargs = {
         "ingest": {"source": options.get("source")},
         "transform": {"protocol": options.get("protocol")},
-        "train": {"algorithms": options.get("algorithms"), "n_trials": options.get("trials")},
+        "train": {"algorithms": options.get("algorithms"), "n_trials": options.get("trials"),
+                  "cv_folds": options.get("cv_folds")},
     }
     signatures = []
     for position, current in enumerate(chosen):
@@ -123,8 +124,9 @@ def run_pipeline(stages: str | None = None, stage: str | None = None,
     if "transform" in outputs:
         summary["snapshot"] = outputs["transform"]["snapshot_id"]
     if "train" in outputs:
-        summary["trained"] = [{k: t[k] for k in ("algorithm", "params", "validation",
-                                                 "seconds")} for t in outputs["train"]]
+        summary["trained"] = [{k: t.get(k) for k in ("algorithm", "params", "validation",
+                                                     "cross_validation", "seconds")}
+                              for t in outputs["train"]]
     if "evaluate" in outputs:
         summary["models"] = outputs["evaluate"]["models"]
         summary["snapshot"] = outputs["evaluate"]["snapshot"]["snapshot_id"]

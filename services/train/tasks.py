@@ -7,13 +7,19 @@ from typing import Any
 from services.train.training import TrainingError, fit_on_snapshot, load_snapshot, train_many
 from shared.artifacts import ArtifactError
 from shared.celery_app import service_task
+from shared.progress import report
 
 
 def _progress(task: Any) -> Any:
-    """Task state PROGRESS with the current trial, visible in Flower and to callers."""
-    if task.request.is_eager:
-        return None
-    return lambda stage, meta: task.update_state(state="PROGRESS", meta={"stage": stage, **meta})
+    """Task state PROGRESS with the current trial (visible in Flower and to callers), and the
+    same report to listeners in this process (the CLI's progress line in embedded mode)."""
+
+    def publish(stage: str, meta: dict[str, Any]) -> None:
+        if not task.request.is_eager:
+            task.update_state(state="PROGRESS", meta={"stage": stage, **meta})
+        report(stage, meta)
+
+    return publish
 
 
 @service_task("train.fit")
@@ -30,11 +36,11 @@ def fit(self: Any, snapshot: dict[str, Any], algorithm: str = "als",
 
 @service_task("train.tune")
 def tune(self: Any, snapshot: dict[str, Any], algorithms: list[str] | None = None,
-         n_trials: int | None = None) -> list[dict[str, Any]]:
+         n_trials: int | None = None, cv_folds: int | None = None) -> list[dict[str, Any]]:
     """Tune every algorithm on the snapshot's validation pair, then fit each on train."""
     try:
         results = train_many(snapshot, algorithms, tune=True, n_trials=n_trials,
-                             progress=_progress(self))
+                             progress=_progress(self), cv_folds=cv_folds)
     except (TrainingError, ArtifactError) as error:
         raise TrainingError(str(error)) from None
     return [{**r, "task_id": self.request.id} for r in results]

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from services.train.algorithms import ALGORITHMS, fit_algorithm
-from services.train.tuning import tune_matrices
+from services.train.tuning import cross_validate, tune_matrices
 from shared.artifacts import arrays_to_csr, read_artifact, write_artifact
 from shared.errors import RecsysError
 from shared.recommenders import default_num_threads, evaluate_model
@@ -64,7 +65,8 @@ def threads() -> int:
 
 def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] | None = None,
                     tune: bool = False, n_trials: int | None = None,
-                    progress: Progress | None = None) -> dict[str, Any]:
+                    progress: Progress | None = None, cv_folds: int | None = None
+                    ) -> dict[str, Any]:
     """Tune (optionally) on validation, fit on train, store the model; a JSON-able record."""
     settings = get_settings()
     started = time.perf_counter()
@@ -89,6 +91,7 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
         chosen = spec.resolve_params(base)
         model = fit_algorithm(algorithm, pair[0], chosen, settings.seed, threads())
         validation = {"ndcg@10": evaluate_model(model, pair[0], pair[1], (10,))["ndcg@10"]}
+    spread = cross_validation(data, algorithm, chosen, cv_folds) if cv_folds else None
     if progress:
         progress("fit", {"algorithm": algorithm, "params": chosen})
     model = fit_algorithm(algorithm, data.matrix("train"), chosen, settings.seed, threads())
@@ -101,12 +104,25 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
     return {"algorithm": algorithm, "params": chosen, "artifact_path": ref.path,
             "sha256": ref.sha256, "snapshot": data.info,
             "validation": manifest["validation"], "tuned": bool(tune and spec.search_space),
+            "cross_validation": spread,
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def cross_validation(data: SnapshotData, algorithm: str, params: dict[str, Any],
+                     folds: int) -> dict[str, Any]:
+    """Mean and spread of nDCG@10 over per-user folds of the train split (never test)."""
+    train = data.matrix("train").tocoo()
+    frame = pd.DataFrame({"user_id": train.row, "movie_id": train.col, "rating": train.data})
+    result = cross_validate(algorithm, frame, params, folds=folds, seed=get_settings().seed,
+                            num_threads=threads())
+    return {"metric": result.metric, "mean": result.mean, "std": result.std,
+            "folds": list(result.fold_scores)}
 
 
 def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None,
                tune: bool = True, n_trials: int | None = None,
-               progress: Progress | None = None) -> list[dict[str, Any]]:
+               progress: Progress | None = None, cv_folds: int | None = None
+               ) -> list[dict[str, Any]]:
     """Every requested algorithm on one snapshot, loaded once."""
     names = list(algorithms or DEFAULT_ALGORITHMS)
     unknown = [n for n in names if n not in ALGORITHMS]
@@ -114,5 +130,5 @@ def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None
         raise TrainingError(f"unknown algorithm(s) {', '.join(unknown)}; "
                             f"one of {', '.join(ALGORITHMS)}")
     data = load_snapshot(snapshot)
-    return [fit_on_snapshot(data, name, tune=tune, n_trials=n_trials, progress=progress)
-            for name in names]
+    return [fit_on_snapshot(data, name, tune=tune, n_trials=n_trials, progress=progress,
+                            cv_folds=cv_folds) for name in names]

@@ -32,7 +32,7 @@ from shared.splits import (
     validation_split,
 )
 
-SCHEMA_VERSION = 1  # bump when the snapshot's arrays change meaning
+SCHEMA_VERSION = 2  # bump when the snapshot's arrays change meaning
 
 
 class SnapshotError(RecsysError):
@@ -89,6 +89,20 @@ def snapshot_id(fingerprint: str, params: SnapshotParams) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _statistics(train: pd.DataFrame, users: IdIndex, items: IdIndex) -> dict[str, np.ndarray]:
+    """Per-item and per-user counts and mean ratings over the train split."""
+    stats: dict[str, np.ndarray] = {}
+    ratings = train["rating"].to_numpy(dtype=np.float64)
+    for prefix, index, column in (("item", items, "movie_id"), ("user", users, "user_id")):
+        position = index.to_index(train[column].to_numpy())
+        counts = np.bincount(position, minlength=len(index))
+        sums = np.bincount(position, weights=ratings, minlength=len(index))
+        stats[f"{prefix}_train_count"] = counts.astype(np.int64)
+        stats[f"{prefix}_mean_rating"] = np.divide(
+            sums, counts, out=np.zeros(len(index)), where=counts > 0).astype(np.float32)
+    return stats
+
+
 def describe(row: Snapshot) -> dict[str, Any]:
     return {"snapshot_id": row.id, "artifact_path": row.artifact_path, "sha256": row.sha256,
             "protocol": row.protocol, "params": row.params, "counts": row.counts}
@@ -119,12 +133,10 @@ def build_snapshot(params: SnapshotParams, engine: Engine | None = None,
     users = IdIndex.from_values(frame["user_id"])
     items = IdIndex.from_values(frame["movie_id"])
     genre_names, genres = load_movie_genres(engine, items.ids)
-    train_counts = np.bincount(items.to_index(split.train["movie_id"].to_numpy()),
-                               minlength=len(items))
     arrays: dict[str, np.ndarray] = {
         "user_ids": users.ids.astype(np.int64),
         "item_ids": items.ids.astype(np.int64),
-        "item_train_count": train_counts.astype(np.int64),
+        **_statistics(split.train, users, items),
         "genre_names": genre_names,
         "item_genres": genres,
     }

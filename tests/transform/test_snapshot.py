@@ -73,3 +73,13 @@ def test_no_ratings_is_a_clear_error(pg_url: str, use_settings) -> None:  # type
     use_settings(DATABASE_URL=pg_url)
     with pytest.raises(SnapshotError, match="no ratings to snapshot; run `recsys ingest`"):
         build_snapshot(SnapshotParams.from_settings())
+
+
+def test_statistics_match_the_train_split(loaded: str) -> None:
+    snapshot = build_snapshot(SnapshotParams.from_settings())
+    arrays, _ = read_artifact(snapshot["artifact_path"], snapshot["sha256"])
+    train = arrays_to_csr("train", arrays)
+    assert (arrays["item_train_count"] == np.diff(train.tocsc().indptr)).all()
+    assert (arrays["user_train_count"] == np.diff(train.indptr)).all()
+    user0 = train[0].data
+    assert arrays["user_mean_rating"][0] == pytest.approx(user0.mean(), rel=1e-5)
