@@ -10,7 +10,10 @@ from shared.db.models import (
     ModelAlias,
     ModelVersion,
     Movie,
+    OnlineMetric,
+    PolicyLock,
     Rating,
+    RetrainDecision,
     Snapshot,
     Tag,
     TaskKey,
@@ -19,6 +22,9 @@ from shared.db.models import (
 from shared.db.session import engine_for, get_engine, migrate, session_scope
 
 __all__ = [
+    "RetrainDecision",
+    "PolicyLock",
+    "OnlineMetric",
     "AliasChange",
     "Base",
     "Feedback",

@@ -228,3 +228,54 @@ class Impression(Base):
     source: Mapped[str] = mapped_column(String(16), nullable=False)
     served_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False,
                                                    index=True)
+
+
+class OnlineMetric(Base):
+    """Online figures of one model version and variant over one time window."""
+
+    __tablename__ = "online_metric"
+    __table_args__ = (UniqueConstraint("window_start", "window_end", "model_version",
+                                       "variant"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    window_start: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False,
+                                                      index=True)
+    window_end: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    model_version: Mapped[int | None] = mapped_column(Integer)
+    variant: Mapped[str] = mapped_column(String(16), nullable=False)
+    k: Mapped[int] = mapped_column(Integer, nullable=False)
+    lists: Mapped[int] = mapped_column(Integer, nullable=False)
+    impressions: Mapped[int] = mapped_column(Integer, nullable=False)
+    clicks: Mapped[int] = mapped_column(Integer, nullable=False)
+    ctr: Mapped[float] = mapped_column(REAL, nullable=False)
+    hit_rate: Mapped[float] = mapped_column(REAL, nullable=False)
+    mean_click_position: Mapped[float | None] = mapped_column(REAL)
+    feedback: Mapped[int] = mapped_column(Integer, nullable=False)
+    satisfaction: Mapped[float | None] = mapped_column(REAL)
+    computed_at: Mapped[dt.datetime] = _now()
+
+
+class RetrainDecision(Base):
+    """What the retrain policy decided on an event, and why."""
+
+    __tablename__ = "retrain_decision"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rule: Mapped[str] = mapped_column(String(32), nullable=False)
+    fired: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    action: Mapped[str] = mapped_column(String(16), nullable=False)  # retrain, rollback, none
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    created_at: Mapped[dt.datetime] = _now()
+
+
+class PolicyLock(Base):
+    """A named lock with an expiry: one retrain at a time, however many events fire."""
+
+    __tablename__ = "policy_lock"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(64), nullable=False)
+    acquired_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
