@@ -8,7 +8,6 @@ ML-100K table, same protocol): BiVAE nDCG@10 0.475 / P@10 0.412, BPR 0.442 / 0.3
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -22,22 +21,18 @@ from shared.splits import random_split
 
 pytestmark = pytest.mark.slow
 
-DEFAULT_DATA = Path(__file__).parents[2].parent / "shared/datasets/ml-100k"
-DATA_SOURCE = Path(os.environ.get("DATA_SOURCE", DEFAULT_DATA))
 SEED, K = 42, 10
 
 
 def _load_ratings(source: Path) -> pd.DataFrame:
-    path = source / "u.data" if source.is_dir() else source
-    if not path.exists():
-        pytest.skip(f"MovieLens 100K not found at {path} (set DATA_SOURCE)")
     # File order matters: the seeded split draws one number per row in this order.
-    return pd.read_csv(path, sep="\t", names=["user_id", "movie_id", "rating", "rated_at"])
+    return pd.read_csv(source / "u.data", sep="\t",
+                       names=["user_id", "movie_id", "rating", "rated_at"])
 
 
 @pytest.fixture(scope="module")
-def results() -> dict[str, dict]:
-    ratings = _load_ratings(DATA_SOURCE)
+def results(ml100k: Path) -> dict[str, dict]:
+    ratings = _load_ratings(ml100k)
     split = random_split(ratings, ratio=0.75, seed=SEED)
     train, test = split_matrices(split, ratings)
     outcome: dict[str, dict] = {}
