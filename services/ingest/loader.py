@@ -93,9 +93,13 @@ def upsert(conn: Connection, table: Table, rows: list[dict[str, Any]], key: str)
     dialect = postgresql if is_postgres(conn) else sqlite
     statement = dialect.insert(table)
     updates = {c.name: statement.excluded[c.name] for c in table.columns if c.name != key}
-    statement = statement.on_conflict_do_update(index_elements=[key], set_=updates)
+    # RETURNING lets SQLAlchemy batch many rows per round trip (its "insertmanyvalues");
+    # without it an ON CONFLICT DO UPDATE goes one row per round trip.
+    statement = statement.on_conflict_do_update(index_elements=[key], set_=updates).returning(
+        table.c[key]
+    )
     for start in range(0, len(rows), 5000):
-        conn.execute(statement, rows[start : start + 5000])
+        conn.execute(statement, rows[start : start + 5000]).all()
 
 
 def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:

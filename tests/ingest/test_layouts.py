@@ -64,3 +64,19 @@ def test_year_from_title() -> None:
     assert year_from_title("Toy Story (1995)") == 1995
     assert year_from_title("Babylon 5 (1994-1998)") == 1994
     assert year_from_title("unknown") is None
+
+
+def test_blocks_cut_at_line_ends_and_number_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from services.ingest import ratings
+    from services.ingest.layouts import ML_1M, ML_CSV
+
+    monkeypatch.setattr(ratings, "BLOCK_BYTES", 7)
+    data = b"1::2::3::4\n5::6::7::8\n9::1::2::3"  # no newline at the end
+    blocks = list(ratings.raw_blocks(io.BytesIO(data), ML_1M, "ratings.dat"))
+    assert [first for first, _ in blocks] == [1, 2, 3]
+    assert b"".join(raw for _, raw in blocks) == data.replace(b"::", b"\t")
+    csv = b"userId,movieId,rating,timestamp\n1,2,3.5,4\n5,6,7,8\n"
+    firsts = [first for first, _ in ratings.raw_blocks(io.BytesIO(csv), ML_CSV, "ratings.csv")]
+    assert firsts == [2, 3]
