@@ -91,6 +91,12 @@ def _celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {"confirm_publish": True},
         "broker_connection_retry_on_startup": True,
         "enable_utc": True,
+        # `recsys beat` computes the online window on this schedule (eval's queue).
+        "beat_schedule": {
+            "eval-online": {"task": "eval.online",
+                            "schedule": float(settings.online_interval_seconds),
+                            "options": {"queue": ServiceQueue.EVAL.value}},
+        },
     }
 
 
@@ -143,8 +149,10 @@ def task_available(name: str) -> bool:
 
 def run_task(name: str, kwargs: dict[str, Any], timeout: float | None = None) -> Any:
     """Run a task by name: through the broker when configured, else in this process."""
+    # Celery rebuilds a task's exception as its own class only when that class's module is
+    # loaded here; importing the tasks loads every service's error classes.
+    import_tasks()
     if app.conf.task_always_eager:
-        import_tasks()
         return app.tasks[name].apply(kwargs=kwargs, throw=True).get()
     result = app.send_task(name, kwargs=kwargs, queue=queue_of(name))
     return result.get(timeout=timeout)

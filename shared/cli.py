@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import typer
@@ -222,6 +222,15 @@ def worker(
     if not get_settings().broker_url:
         fail("BROKER_URL is not set: a worker needs RabbitMQ (embedded mode runs tasks "
              "in-process)", 2)
+    if get_settings().worker_metrics_port:  # before the pool forks: see shared/worker_metrics
+        from shared.worker_metrics import serve_worker_metrics
+
+        try:
+            port = serve_worker_metrics(queue, get_settings().worker_metrics_port)
+        except RecsysError as error:
+            fail(str(error), 2)
+        if port:
+            err.print(f"worker metrics on http://0.0.0.0:{port}/metrics", highlight=False)
     celery = configure_app()
     import_tasks(queue)
     celery.worker_main([
@@ -229,6 +238,63 @@ def worker(
         "--prefetch-multiplier=1", f"--loglevel={loglevel}", "-E", "--without-mingle",
         "--without-gossip",
     ])
+
+
+@app.command()
+def flower(
+    port: int = typer.Option(None, "--port", min=1, max=65535, help="FLOWER_PORT when "
+                             "omitted."),
+) -> None:
+    """Start Flower, the Celery monitor, behind basic auth (FLOWER_USER, FLOWER_PASSWORD)."""
+    import os
+
+    settings = get_settings()
+    if not settings.broker_url:
+        fail("BROKER_URL is not set: Flower watches the workers through RabbitMQ", 2)
+    if not settings.flower_password.get_secret_value().strip():
+        # Production refused this at start-up (shared/settings.py); this is development.
+        err.print("[yellow]warning:[/] FLOWER_PASSWORD is not set: Flower accepts "
+                  f"{settings.flower_user} with the development password; set "
+                  "FLOWER_PASSWORD before anyone else can reach it", highlight=False)
+    # The credentials go in Flower's own environment variable, not the command line,
+    # where every local user could read them; the broker and result backend come from
+    # the settings, which the Celery app reads when Flower imports it.
+    env = {**os.environ, "FLOWER_BASIC_AUTH": settings.flower_basic_auth,
+           "FLOWER_PORT": str(port or settings.flower_port)}
+    argv = [sys.executable, "-m", "celery", "-A", "shared.celery_app:app", "flower"]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(argv[0], argv, env)  # the process becomes Flower: signals reach it directly
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
+    port: int = typer.Option(None, "--port", min=1, max=65535, help="SERVE_PORT when omitted."),
+    workers: int = typer.Option(None, "--workers", min=1, help="uvicorn worker processes; "
+                                "SERVE_WORKERS when omitted."),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Start the REST API (FastAPI under uvicorn), serving the registry's champion."""
+    import os
+    import shutil
+
+    import uvicorn
+
+    settings = get_settings()
+    workers = workers or settings.serve_workers
+    ensure_embedded_schema()
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each worker writes its metrics here and /metrics adds them up; a fresh
+        # directory per start, so a dead worker's counters do not linger.
+        metrics_dir = settings.data_path.resolve() / "prometheus" / str(port or
+                                                                        settings.serve_port)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    uvicorn.run("services.serve.app:create_app", factory=True, host=host,
+                port=port or settings.serve_port, workers=workers, log_level=log_level,
+                timeout_graceful_shutdown=10)
 
 
 @db_app.command("upgrade")
@@ -313,6 +379,95 @@ def models_rollback(alias: str = typer.Option("champion", "--alias"),
     out.print(f"{moved['alias']}: v{moved['previous']} -> v{moved['version']}")
 
 
+def parse_k_values(text: str | None) -> list[int] | None:
+    """`--k 5,10,20` as whole numbers; None keeps EVAL_K_VALUES."""
+    if not text:
+        return None
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        values = []
+    if not values or values[0] < 1:
+        fail(f"--k {text!r} is not a comma-separated list of positive whole numbers, "
+             "e.g. 5,10,20", 2)
+    return values
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option("latest", "--model", help="A version number, 'latest' (the "
+                              "champion) or 'challenger'."),
+    k: str = typer.Option(None, "--k", help="Comma-separated k values (EVAL_K_VALUES when "
+                          "omitted)."),
+    timeout: float = typer.Option(1800.0, "--timeout", help="Seconds to wait for the task."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object last."),
+) -> None:
+    """Measure a version beside the most-popular baseline on its snapshot's test split."""
+    # Through a broker, Celery rebuilds a task's exception as its own class only when the
+    # class's module is loaded here; otherwise a RecsysError would escape as a traceback.
+    import services.eval.versions  # noqa: F401
+    from shared.celery_app import run_task
+
+    k_values = parse_k_values(k)
+    ensure_embedded_schema()
+    try:
+        status = err.status(f"eval.evaluate: version {model} ...")
+        with status if err.is_terminal else nullcontext():
+            result = run_task("eval.evaluate", {"model": model, "k_values": k_values},
+                              timeout=timeout)
+    except RecsysError as error:
+        fail(str(error))
+    if as_json:
+        emit_json(result)
+        return
+    print_evaluation(result)
+
+
+def print_evaluation(result: dict[str, Any]) -> None:
+    """Rows are metrics; each k has the version's column and the baseline's beside it."""
+    aliases = f" ({', '.join(result['aliases'])})" if result.get("aliases") else ""
+    baseline = result["baseline"]
+    table = Table(title=f"v{result['version']} {result['algorithm']}{aliases} on snapshot "
+                  f"{result['snapshot'][:12]} ({result['protocol']} protocol, test split)")
+    table.add_column("metric")
+    for k in result["k_values"]:
+        table.add_column(f"@{k}", justify="right")
+        table.add_column(f"popular@{k}", justify="right", style="dim")
+    names = list(dict.fromkeys(key.split("@")[0] for key in result["metrics"]))
+    for name in names:
+        cells = []
+        for k in result["k_values"]:
+            cells += [f"{result['metrics'].get(f'{name}@{k}', float('nan')):.4f}",
+                      f"{baseline['metrics'].get(f'{name}@{k}', float('nan')):.4f}"]
+        table.add_row(name, *cells)
+    out.print(table)
+    source = (f"registered v{baseline['version']}" if baseline.get("version")
+              else baseline.get("source", "train split counts"))
+    out.print(f"baseline: most-popular ({source}); figures stored on v{result['version']}")
+
+
+@app.command()
+def report(
+    output: str = typer.Option(..., "--output", "-o", help="HTML file to write."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object last."),
+) -> None:
+    """Write a self-contained HTML page of offline and online metrics with plots."""
+    from services.eval.report import write_report
+
+    ensure_embedded_schema()
+    try:
+        summary = write_report(output)
+    except RecsysError as error:
+        fail(str(error))
+    except OSError as error:
+        fail(f"--output {output}: {error.strerror or error}")
+    if as_json:
+        emit_json(summary)
+        return
+    out.print(f"report written to {summary['output']} ({summary['versions']} versions, "
+              f"{summary['online_windows']} online windows, {summary['bytes'] // 1024} KB)")
+
+
 stack_app = typer.Typer(help="Run docker-compose.yml's app services as local processes.",
                         no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
@@ -386,6 +541,17 @@ def stack_status(
         emit_json({"services": rows})
     else:
         print_stack("stack status", rows)
+
+
+def _register_loop_commands() -> None:
+    from shared.cli_loop import ab_app, beat_command, policy_command
+
+    app.add_typer(ab_app, name="ab")
+    app.command("policy")(policy_command)
+    app.command("beat")(beat_command)
+
+
+_register_loop_commands()
 
 
 def main() -> None:

@@ -19,6 +19,9 @@ from shared.errors import RecsysError
 
 GROUPLENS_ML_100K = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "changethis", "secret", "dev"}
+# Flower's password when FLOWER_PASSWORD is empty in development (logged when used);
+# production refuses it like any placeholder.
+DEV_FLOWER_PASSWORD = "recsys-dev"
 
 
 class SettingsError(RecsysError):
@@ -90,6 +93,24 @@ class CacheSettings(BaseSettings):
 
     redis_url: str = Field("", description="Redis URL; empty means an in-process cache.")
     cache_ttl: int = Field(300, ge=0, description="Seconds a cached recommendation list lives.")
+    cache_ttl_jitter: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of CACHE_TTL added or taken at random per entry."
+    )
+    cache_prefix: str = Field(
+        "recsys", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Namespace of the serve cache's Redis keys.",
+    )
+    cache_socket_timeout: float = Field(
+        0.1, gt=0, le=10, description="Seconds serve waits on Redis before computing without it."
+    )
+    cache_retry_seconds: float = Field(
+        2.0, ge=0, description="Seconds serve leaves Redis (and its history reads of "
+        "Postgres) alone after a failure or a slow answer."
+    )
+    recent_feedback_ttl: int = Field(
+        86400, ge=60, description="Seconds serve remembers a user's feedback in the cache "
+        "while the ingest service persists it.",
+    )
 
     @field_validator("redis_url")
     @classmethod
@@ -122,6 +143,37 @@ class ServingSettings(BaseSettings):
     environment: Environment = Field(
         Environment.DEVELOPMENT, description="development or production."
     )
+    serve_port: int = Field(8000, ge=1, le=65535, description="Port `recsys serve` listens on.")
+    serve_workers: int = Field(2, ge=1, le=64, description="uvicorn worker processes of serve.")
+    feedback_anonymous: bool = Field(
+        False, description="Accept POST /feedback without the API key."
+    )
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest request body serve reads; larger ones get 413."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated origins allowed by CORS; empty is off."
+    )
+    challenger_traffic: float = Field(
+        0.0, ge=0, le=1, description="Share of users (by user id hash) served by the challenger."
+    )
+    model_poll_seconds: float = Field(
+        30.0, ge=0, description="Seconds between serve's checks of the registry for a new "
+        "champion (a safety net for missed events); 0 turns it off.",
+    )
+    impression_flush_seconds: float = Field(
+        1.0, gt=0, le=60, description="Seconds between flushes of logged impressions."
+    )
+    impression_batch: int = Field(
+        200, ge=1, le=10000, description="Lists of impressions that trigger an early flush."
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("model_version")
     @classmethod
@@ -130,6 +182,41 @@ class ServingSettings(BaseSettings):
         if value != "latest" and not (value.isdigit() and int(value) > 0):
             raise ValueError(f"expected 'latest' or a positive version number, got {value!r}")
         return value
+
+
+class MonitoringSettings(BaseSettings):
+    model_config = _CONFIG
+
+    flower_user: str = Field("admin", description="User name of Flower's basic auth.")
+    flower_password: SecretStr = Field(
+        SecretStr(""),
+        description=f"Password of Flower's basic auth; empty means {DEV_FLOWER_PASSWORD!r} in "
+        "development and is refused in production.",
+    )
+    flower_port: int = Field(5555, ge=1, le=65535, description="Port Flower listens on.")
+    worker_metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Base port of the workers' Prometheus metrics (the worker of the i-th "
+        "service queue listens on base + i); 0 turns them off.",
+    )
+
+    @field_validator("flower_user")
+    @classmethod
+    def _flower_user(cls, value: str) -> str:
+        value = value.strip()
+        # Flower splits its basic-auth option on commas and the credential on the colon.
+        if not value or any(c in value for c in ":,"):
+            raise ValueError(f"expected a non-empty name without ':' or ',', got {value!r}")
+        return value
+
+    # A model validator, not a field one: a field's error would echo the password.
+    @model_validator(mode="after")
+    def _flower_password(self) -> MonitoringSettings:
+        if "," in self.flower_password.get_secret_value():
+            raise ValueError("FLOWER_PASSWORD must not contain ',' (Flower splits on commas)")
+        return self
 
 
 class EvaluationSettings(BaseSettings):
@@ -143,6 +230,59 @@ class EvaluationSettings(BaseSettings):
     )
     eval_protocol: EvalProtocol = Field(
         EvalProtocol.RANDOM, description="random, temporal or leave-last-n."
+    )
+
+    feedback_implicit_rating: float = Field(
+        4.0, ge=0.5, le=5.0, description="Stars a click or watch counts for when feedback "
+        "joins the ratings in a snapshot.",
+    )
+    retrain_algorithms: str = Field(
+        "", description="Comma-separated algorithms a policy retrain trains (empty: all)."
+    )
+    retrain_trials: int = Field(
+        0, ge=0, description="Tuning trials per algorithm in a policy retrain (0: each "
+        "algorithm's own budget).",
+    )
+    online_window_seconds: int = Field(
+        3600, ge=60, description="Length of the sliding window the online metrics cover."
+    )
+    online_interval_seconds: int = Field(
+        300, ge=5, description="How often the beat schedule computes the online window."
+    )
+    online_match_seconds: int = Field(
+        3600, ge=1, description="Feedback without a request id answers a list served this "
+        "many seconds before it (same user and item).",
+    )
+    online_k: int = Field(10, ge=1, description="Cut-off k of the online CTR@k and hit rate.")
+    retrain_min_feedback: int = Field(
+        1000, ge=1, description="New feedback events since the champion's snapshot that "
+        "trigger a retrain.",
+    )
+    retrain_ctr_margin: float = Field(
+        0.2, ge=0, le=1, description="Retrain when online CTR falls this fraction below the "
+        "champion's baseline ...",
+    )
+    retrain_low_windows: int = Field(
+        3, ge=1, description="... for this many consecutive windows."
+    )
+    retrain_lock_seconds: int = Field(
+        3600, ge=10, description="Expiry of the lock that keeps retrains one at a time."
+    )
+    ab_alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the A/B "
+                            "z-test on CTR.")
+    ab_power: float = Field(0.8, gt=0, lt=1, description="Power the A/B minimum sample is "
+                            "computed for.")
+    ab_min_effect: float = Field(0.1, gt=0, description="Smallest relative CTR change the A/B "
+                                 "test should detect.")
+    ab_auto_promote: bool = Field(False, description="Promote a challenger that wins the A/B "
+                                  "test without asking.")
+    rollback_auto: bool = Field(
+        False, description="Roll a new champion back when its online CTR falls below the "
+        "previous champion's by ROLLBACK_CTR_MARGIN.",
+    )
+    rollback_ctr_margin: float = Field(
+        0.2, ge=0, le=1, description="Relative CTR drop against the previous champion that "
+        "rolls back.",
     )
 
     @field_validator("eval_k_values", mode="before")
@@ -176,6 +316,7 @@ class Settings(
     TrainingSettings,
     ServingSettings,
     EvaluationSettings,
+    MonitoringSettings,
 ):
     """Every setting of the product; services read the groups they need."""
 
@@ -186,12 +327,25 @@ class Settings(
         if self.environment is Environment.PRODUCTION:
             if self.api_key.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
                 raise ValueError("API_KEY must be set to a real secret when ENVIRONMENT=production")
+            password = self.flower_password.get_secret_value().strip().lower()
+            if password in PLACEHOLDER_SECRETS | {DEV_FLOWER_PASSWORD}:
+                raise ValueError(
+                    "FLOWER_PASSWORD must be set to a real secret when ENVIRONMENT=production"
+                )
         return self
 
     @property
     def embedded(self) -> bool:
         """True when no servers are configured: SQLite, eager tasks, in-process bus."""
         return not (self.database_url or self.broker_url or self.redis_url)
+
+    @property
+    def flower_basic_auth(self) -> str:
+        """Flower's `user:password`; the development password when none is set there."""
+        password = self.flower_password.get_secret_value()
+        if not password.strip() and self.environment is Environment.DEVELOPMENT:
+            password = DEV_FLOWER_PASSWORD
+        return f"{self.flower_user}:{password}"
 
     @property
     def resolved_database_url(self) -> str:

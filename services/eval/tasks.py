@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from services.eval.offline import EvaluationError, evaluate_versions
+from services.eval.online import compute_online
+from services.eval.policy import release_lock
+from services.eval.versions import evaluate_version
 from shared.artifacts import ArtifactError
 from shared.celery_app import service_task
 
@@ -17,3 +20,23 @@ def offline(self: Any, registered: list[dict[str, Any]],
         return evaluate_versions(registered, k_values)
     except (EvaluationError, ArtifactError) as error:
         raise EvaluationError(str(error)) from None
+
+
+@service_task("eval.evaluate")
+def evaluate(self: Any, model: str = "latest", k_values: list[int] | None = None
+             ) -> dict[str, Any]:
+    """One version (number, `latest` or `challenger`) beside the most-popular baseline on its
+    snapshot's test split; the figures are stored on the version."""
+    return evaluate_version(model, k_values)
+
+
+@service_task("eval.online")
+def online(self: Any, window_seconds: int | None = None) -> dict[str, Any]:
+    """The online window ending now: stored, and published as `metrics.online`."""
+    return compute_online(window_seconds=window_seconds)
+
+
+@service_task("eval.release_lock")
+def release(self: Any, holder: str) -> dict[str, Any]:
+    """The retrain chain's last link: let the policy start the next retrain."""
+    return {"holder": holder, "released": release_lock(holder)}
