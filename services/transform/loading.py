@@ -16,7 +16,23 @@ _HEADER = 19  # PGCOPY signature (11) + flags (4) + header extension length (4)
 _ROW = np.dtype([("fields", ">i2"), ("ul", ">i4"), ("user_id", ">i4"), ("ml", ">i4"),
                  ("movie_id", ">i4"), ("rl", ">i4"), ("rating", ">f4"), ("tl", ">i4"),
                  ("rated_at", ">i8")])
-_QUERY = "SELECT user_id, movie_id, rating, rated_at FROM rating"
+_RATINGS = "SELECT user_id, movie_id, rating, rated_at FROM rating"
+# Feedback joins the interactions: a rating with its value, a click or watch as a positive
+# interaction worth FEEDBACK_IMPLICIT_RATING stars; views say nothing about liking.
+_FEEDBACK = {
+    "postgresql": "SELECT user_id, movie_id, CAST(coalesce(CASE WHEN type = 'rating' THEN value "
+                  "END, {implicit}) AS REAL), CAST(extract(epoch FROM occurred_at) AS BIGINT) "
+                  "FROM feedback WHERE type IN ('rating', 'click', 'watch')",
+    "sqlite": "SELECT user_id, movie_id, coalesce(CASE WHEN type = 'rating' THEN value END, "
+              "{implicit}), CAST(strftime('%s', occurred_at) AS INTEGER) FROM feedback "
+              "WHERE type IN ('rating', 'click', 'watch')",
+}
+
+
+def interactions_query(dialect: str, implicit_rating: float) -> str:
+    """Ratings and the feedback that counts as an interaction, as one row set."""
+    feedback = _FEEDBACK["postgresql" if dialect == "postgresql" else "sqlite"]
+    return f"{_RATINGS} UNION ALL {feedback.format(implicit=float(implicit_rating))}"
 
 
 class _BinaryCopySink:
@@ -61,21 +77,23 @@ class _BinaryCopySink:
                                      strict=True)}
 
 
-def load_ratings(engine: Engine) -> pd.DataFrame:
-    """Every rating as a frame of user_id, movie_id, rating, rated_at."""
+def load_ratings(engine: Engine, implicit_rating: float = 4.0) -> pd.DataFrame:
+    """Every rating, and every engaged feedback event, as user_id, movie_id, rating, rated_at."""
+    query = interactions_query(engine.dialect.name, implicit_rating)
     if engine.dialect.name == "postgresql":
         sink = _BinaryCopySink()
         raw = engine.raw_connection()
         try:
             with raw.cursor() as cursor:
-                cursor.copy_expert(f"COPY ({_QUERY}) TO STDOUT WITH (FORMAT binary)", sink,
+                cursor.copy_expert(f"COPY ({query}) TO STDOUT WITH (FORMAT binary)", sink,
                                    size=1 << 20)
             raw.commit()
         finally:
             raw.close()
         return pd.DataFrame(sink.close(), copy=False)
     with engine.connect() as conn:
-        frame = pd.read_sql_query(text(_QUERY), conn)
+        frame = pd.read_sql_query(text(query), conn)
+    frame.columns = list(COLUMNS)
     return frame.astype({"user_id": "int32", "movie_id": "int32", "rating": "float32",
                          "rated_at": "int64"})
 

@@ -112,9 +112,12 @@ def build_snapshot(params: SnapshotParams, engine: Engine | None = None,
                    task_id: str | None = None) -> dict[str, Any]:
     """Build (or find) the snapshot of the current ratings under `params`."""
     engine = engine or get_engine()
-    frame = load_ratings(engine)
+    frame = load_ratings(engine, get_settings().feedback_implicit_rating)
     if frame.empty:
         raise SnapshotError("there are no ratings to snapshot; run `recsys ingest` first")
+    # A user may have rated a movie and clicked it later: the latest interaction stands.
+    frame = frame.sort_values("rated_at", kind="stable").drop_duplicates(
+        ["user_id", "movie_id"], keep="last")
     # Canonical order: the seeded split must not depend on the order the database returns.
     order = np.lexsort((frame["movie_id"].to_numpy(), frame["rated_at"].to_numpy(),
                         frame["user_id"].to_numpy()))
