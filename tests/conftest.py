@@ -38,6 +38,35 @@ CONTAINERS = {
 }
 
 
+def _rabbitmqctl(*args: str) -> bool:
+    try:
+        done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A RabbitMQ virtual host of this run's own, where rabbitmqctl can make one: the
+    service queues have fixed names, and another run's workers on the same broker must
+    not take this run's tasks. Without rabbitmqctl the default virtual host serves."""
+    url = urlparse(SERVICE_URLS["rabbitmq"])
+    if url.hostname not in ("127.0.0.1", "localhost") or shutil.which("rabbitmqctl") is None:
+        return
+    vhost = f"recsys_test_{uuid.uuid4().hex[:10]}"
+    user = url.username or "guest"
+    if _rabbitmqctl("add_vhost", vhost) and _rabbitmqctl(
+            "set_permissions", "-p", vhost, user, ".*", ".*", ".*"):
+        SERVICE_URLS["rabbitmq"] = url._replace(path=f"/{vhost}").geturl()
+        config._recsys_vhost = vhost  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    vhost = getattr(config, "_recsys_vhost", None)
+    if vhost:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
 def _reachable(url: str, timeout: float = 2.0) -> bool:
     parsed = urlparse(url.replace("postgresql+psycopg2", "postgresql"))
     try:

@@ -29,12 +29,12 @@ from shared.stack import (
     status,
     up,
 )
-from tests.conftest import purge_service_queues
+from tests.conftest import SERVICE_URLS, purge_service_queues
 
 # The machine's own servers (in compose they are the postgres/rabbitmq/redis services).
 POSTGRES_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "postgres"}
-BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
-REDIS_URL = "redis://127.0.0.1:6379/15"
+BROKER_URL = SERVICE_URLS["rabbitmq"]  # this run's own virtual host (tests/conftest.py)
+REDIS_URL = SERVICE_URLS["redis"]
 
 
 # --- pure parts: interpolation, rewriting, ordering -----------------------------------
