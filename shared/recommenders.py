@@ -103,6 +103,13 @@ class Recommender(ABC):
             ids[batch], scores[batch] = top_k(block, k, raw if filter_seen else None)
         return ids, scores
 
+    def score(self, user_indices: Sequence[int] | np.ndarray, user_items: sp.spmatrix
+              ) -> np.ndarray:
+        """Dense scores (users x items) from raw history rows, before any filtering: for
+        callers that mask or re-rank themselves (genres, exclusions, paging)."""
+        users = np.asarray(user_indices, dtype=np.int64).reshape(-1)
+        return self._score(users, self.weighting.transform(sp.csr_matrix(user_items)))
+
     def recommend_for_history(
         self, user_items: sp.spmatrix, k: int, filter_seen: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,1 @@
+"""The serve service: the REST API over the registry's champion (FastAPI, uvicorn)."""

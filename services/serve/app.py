@@ -1,0 +1,262 @@
+"""The serve API: FastAPI routes over the runtime (`create_app` is uvicorn's factory).
+
+Routes stay thin: parse and validate, call the runtime, map its errors to statuses.
+Every route documents each status it can answer; invalid input is a 4xx with a message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from pydantic import Field
+
+from services.serve import admin
+from services.serve.feedback import FeedbackUnavailable, accept_feedback
+from services.serve.metrics import MetricsMiddleware, render
+from services.serve.models import UnknownGenre
+from services.serve.recommend import ListRequest, NoModel, UnknownItem
+from services.serve.runtime import ServeRuntime
+from services.serve.schemas import (
+    MAX_FEEDBACK_BATCH,
+    MAX_ID,
+    MAX_K,
+    MAX_OFFSET,
+    AliasMove,
+    FeedbackAccepted,
+    FeedbackIn,
+    Health,
+    ModelInfo,
+    ModelList,
+    PopularList,
+    Problem,
+    PromoteIn,
+    Readiness,
+    RecommendationList,
+    RetrainIn,
+    RetrainQueued,
+    RollbackIn,
+    SimilarItems,
+)
+from services.serve.security import BodySizeLimit, require_api_key, require_feedback_key
+from shared.celery_app import configure_app
+from shared.settings import Settings, get_settings
+
+ADMIN_TIMEOUT = 30.0  # seconds an alias move waits for the registry worker
+IDS_PATTERN = r"^ *[0-9]{1,10}( *, *[0-9]{1,10}){0,999} *$"
+JSON = "application/json"
+NO_MODEL = {503: {"model": Problem, "description": "No model is loaded yet."}}
+GUARDED = {401: {"model": Problem, "description": "Missing or wrong X-API-Key."},
+           403: {"model": Problem, "description": "No API_KEY configured on the server."}}
+# Every route with a body: unreadable bytes (not UTF-8) or an oversized body.
+TOO_LARGE = {400: {"model": Problem, "description": "Body unreadable (not UTF-8 JSON)."},
+             413: {"model": Problem, "description": "Body over MAX_BODY_BYTES."}}
+
+K = Annotated[int, Query(ge=1, le=MAX_K, description="How many items.")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Items to skip (paging).")]
+Genres = Annotated[str | None, Query(max_length=400, description="Comma-separated genres; "
+                                     "items of any of them are kept.")]
+FeedbackBody = Annotated[FeedbackIn | Annotated[list[FeedbackIn], Field(
+    min_length=1, max_length=MAX_FEEDBACK_BATCH)], Body(
+    description=f"One event, or a JSON array of up to {MAX_FEEDBACK_BATCH}.")]
+
+router = APIRouter()
+
+
+def runtime_of(request: Request) -> ServeRuntime:
+    """The process's runtime, set by `create_app`."""
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+def split_genres(genres: str | None) -> tuple[str, ...]:
+    """`Comedy, Drama` as ('Comedy', 'Drama'); checked against the model later."""
+    return tuple(g.strip() for g in (genres or "").split(",") if g.strip())
+
+
+def invalid(where: str, message: str) -> RequestValidationError:
+    """A 422 in FastAPI's documented shape, for checks that need the loaded model."""
+    return RequestValidationError([{"loc": ("query", where), "msg": message,
+                                    "type": "value_error"}])
+
+
+@router.get("/recommendations/{user_id}", response_model=RecommendationList,
+            responses=NO_MODEL, tags=["recommendations"])
+def recommendations(
+    request: Request, user_id: Annotated[int, Path(ge=1, le=MAX_ID)], k: K = 10,
+    offset: Offset = 0,
+    exclude: Annotated[str | None, Query(pattern=IDS_PATTERN, description="Comma-separated "
+                                         "movie ids never to return.")] = None,
+    genres: Genres = None,
+) -> Response:
+    """A user's top-k, never an item they rated or reacted to; `offset` pages on."""
+    ask = ListRequest(user_id, k, offset,
+                      tuple(int(i) for i in (exclude or "").split(",") if i.strip()),
+                      split_genres(genres))
+    try:
+        body, request_id = runtime_of(request).service.for_user(ask)
+    except UnknownGenre as error:
+        raise invalid("genres", str(error)) from None
+    return Response(body, media_type=JSON, headers={"X-Request-ID": request_id})
+
+
+@router.get("/items/{movie_id}/similar", response_model=SimilarItems,
+            responses={404: {"model": Problem, "description": "Movie not in the model."},
+                       **NO_MODEL}, tags=["recommendations"])
+def similar(request: Request, movie_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+            k: K = 10) -> Response:
+    """The movies most similar to this one, by the serving model."""
+    return Response(runtime_of(request).service.similar(movie_id, k), media_type=JSON)
+
+
+@router.get("/popular", response_model=PopularList, responses=NO_MODEL,
+            tags=["recommendations"])
+def popular(request: Request, k: K = 10, offset: Offset = 0, genres: Genres = None
+            ) -> Response:
+    """The non-personalised list: most interactions in the model's training data."""
+    try:
+        body = runtime_of(request).service.popular(k, offset, split_genres(genres))
+    except UnknownGenre as error:
+        raise invalid("genres", str(error)) from None
+    return Response(body, media_type=JSON)
+
+
+@router.post("/feedback", status_code=202, response_model=FeedbackAccepted,
+             responses={**GUARDED, **TOO_LARGE, 503: {
+                 "model": Problem, "description": "The broker did not confirm; retry."}},
+             dependencies=[Depends(require_feedback_key)], tags=["feedback"])
+def feedback(request: Request, events: FeedbackBody) -> FeedbackAccepted:
+    """Accept events once RabbitMQ has confirmed them; the ingest service stores them."""
+    batch = events if isinstance(events, list) else [events]
+    runtime = runtime_of(request)
+    ids = accept_feedback(batch, runtime.cache, runtime.settings.feedback_implicit_rating)
+    return FeedbackAccepted(accepted=len(ids), event_ids=ids)
+
+
+admin_router = APIRouter(dependencies=[Depends(require_api_key)], responses=GUARDED,
+                         tags=["admin"])
+
+
+@admin_router.get("/models", response_model=ModelList)
+def models(request: Request) -> ModelList:
+    """Every registered version with its aliases, and what this process serves."""
+    runtime = runtime_of(request)
+    return ModelList(models=admin.list_models(runtime.engine),
+                     serving=runtime.store.state.versions())
+
+
+@admin_router.get("/models/{version}", response_model=ModelInfo,
+                  responses={404: {"model": Problem}})
+def model(request: Request, version: Annotated[str, Path(
+        pattern=r"^(latest|champion|challenger|[1-9][0-9]{0,8})$",
+        description="A version number, or latest (the champion), champion, challenger.")]
+          ) -> ModelInfo:
+    """One version in full."""
+    return admin.show_model(runtime_of(request).engine, version)
+
+
+@admin_router.post("/models/{version}/promote", response_model=AliasMove,
+                   responses={202: {"model": AliasMove, "description": "Queued: the registry "
+                                    "worker has not answered yet."},
+                              404: {"model": Problem}, 409: {"model": Problem}, **TOO_LARGE,
+                              503: {"model": Problem}})
+def promote(request: Request, response: Response,
+            version: Annotated[int, Path(ge=1, le=MAX_ID)],
+            body: Annotated[PromoteIn | None, Body()] = None) -> AliasMove:
+    """Point an alias at a version (the registry publishes model.promoted)."""
+    body = body or PromoteIn()
+    admin.show_model(runtime_of(request).engine, str(version))  # 404 before any message
+    moved = admin.move_alias("registry.promote", {"version": version, "alias": body.alias,
+                                                  "reason": body.reason}, ADMIN_TIMEOUT)
+    response.status_code = 202 if moved.status == "queued" else 200
+    return moved
+
+
+@admin_router.post("/models/rollback", response_model=AliasMove,
+                   responses={202: {"model": AliasMove}, 409: {"model": Problem},
+                              **TOO_LARGE, 503: {"model": Problem}})
+def rollback(request: Request, response: Response,
+             body: Annotated[RollbackIn | None, Body()] = None) -> AliasMove:
+    """Move an alias back to the version it held before its last promotion."""
+    body = body or RollbackIn()
+    moved = admin.move_alias("registry.rollback", {"alias": body.alias, "reason": body.reason},
+                             ADMIN_TIMEOUT)
+    response.status_code = 202 if moved.status == "queued" else 200
+    return moved
+
+
+@admin_router.post("/retrain", status_code=202, response_model=RetrainQueued,
+                   responses={**TOO_LARGE, 503: {"model": Problem}})
+def retrain(body: Annotated[RetrainIn | None, Body()] = None) -> RetrainQueued:
+    """Queue transform -> train -> register -> evaluate -> promote on the workers."""
+    return admin.enqueue_retrain(body or RetrainIn())
+
+
+@router.get("/healthz", response_model=Health, tags=["operations"])
+def healthz() -> Health:
+    """The process is alive."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}},
+            tags=["operations"])
+def readyz(request: Request, response: Response) -> Readiness:
+    """Model loaded (else 503), with each dependency's state."""
+    readiness = runtime_of(request).readiness()
+    response.status_code = 200 if readiness.ready else 503
+    return readiness
+
+
+@router.get("/metrics", response_class=Response, tags=["operations"],
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus exposition format."}})
+def metrics() -> Response:
+    """Prometheus metrics of every worker of this server."""
+    body, content_type = render()
+    return Response(body, media_type=content_type)
+
+
+def _problem(status: int) -> Any:
+    async def handler(_request: Request, error: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=status)
+
+    return handler
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The serve application for `settings` (the settings in force when omitted)."""
+    settings = settings or get_settings()
+    configure_app(settings)
+    runtime = ServeRuntime(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(runtime.start)  # the first load reads artifacts from disk
+        try:
+            yield
+        finally:
+            await run_in_threadpool(runtime.stop)
+
+    app = FastAPI(title="recsys serve", version="1.0.0", lifespan=lifespan,
+                  description="MovieLens recommendations from the registry's champion, with "
+                  "feedback, impressions, and registry operations.")
+    app.state.runtime = runtime
+    app.include_router(router)
+    app.include_router(admin_router)
+    for error, status in ((NoModel, 503), (UnknownItem, 404), (admin.NotFound, 404),
+                          (admin.AdminError, 409), (admin.Unavailable, 503),
+                          (FeedbackUnavailable, 503)):
+        app.add_exception_handler(error, _problem(status))
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["X-API-Key", "Content-Type"],
+                           expose_headers=["X-Request-ID"])
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)  # outermost: it times and counts even a 413
+    return app

@@ -1,0 +1,257 @@
+"""The recommendation cache: Redis, or an in-process dictionary in embedded mode.
+
+Entries are keyed by user, model version, variant and request parameters, so a new
+version never meets an old version's lists. Each user also has an index of their keys
+(dropped whole when their feedback arrives), a hash of their recent feedback (so a
+list reflects it before the ingest worker has stored it), and an epoch that a list
+computed before the feedback must match to be stored. Redis failures are counted and
+swallowed: after one, Redis is left alone for CACHE_RETRY_SECONDS and answers are
+computed without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict
+from typing import Protocol
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from services.serve.history import History, merge
+from services.serve.metrics import CACHE
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Store only if no feedback arrived since the list's history was read (same epoch).
+_STORE = """
+local epoch = redis.call('GET', KEYS[3]) or ''
+if epoch ~= ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('SADD', KEYS[2], KEYS[1])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+# Drop the user's lists, remember the feedback, move the epoch on.
+_FEEDBACK = """
+local keys = redis.call('SMEMBERS', KEYS[1])
+for i = 1, #keys, 500 do
+  redis.call('DEL', unpack(keys, i, math.min(i + 499, #keys)))
+end
+redis.call('DEL', KEYS[1])
+if #ARGV > 1 then
+  for i = 2, #ARGV, 2 do
+    if ARGV[i + 1] == '' then  -- seen only: never erases an earlier interaction
+      redis.call('HSETNX', KEYS[2], ARGV[i], '')
+    else
+      redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    end
+  end
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+end
+redis.call('INCR', KEYS[3])
+redis.call('EXPIRE', KEYS[3], ARGV[1])
+return #keys
+"""
+
+
+class Cache(Protocol):
+    """What serve needs from a cache; no method raises on a cache failure."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, value: bytes, user_id: int | None = None, epoch: str = "") -> None:
+        ...
+
+    def user_state(self, user_id: int) -> tuple[History, str, bool]: ...
+
+    def note_feedback(self, user_id: int, items: History) -> None: ...
+
+    def ping(self) -> tuple[bool, str]: ...
+
+    def close(self) -> None: ...
+
+
+def list_key(prefix: str, user_id: int, field: str) -> str:
+    """Key of one cached list; `{user}` keeps a user's keys in one Redis Cluster slot."""
+    return f"{prefix}:rec:{{{user_id}}}:{field}"
+
+
+class RedisCache:
+    """Redis with short socket timeouts and a breaker; failures count as cache errors."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.prefix = settings.cache_prefix
+        self.ttl = settings.cache_ttl
+        self.jitter = settings.cache_ttl_jitter
+        self.feedback_ttl = settings.recent_feedback_ttl
+        self.retry_seconds = settings.cache_retry_seconds
+        self.client = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=settings.cache_socket_timeout,
+            socket_connect_timeout=settings.cache_socket_timeout,
+            retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        self._store = self.client.register_script(_STORE)
+        self._feedback = self.client.register_script(_FEEDBACK)
+        self._down_until = 0.0
+        self._random = random.Random()
+
+    def _keys(self, user_id: int) -> tuple[str, str, str]:
+        tag = f"{{{user_id}}}"
+        return (f"{self.prefix}:recidx:{tag}", f"{self.prefix}:fb:{tag}",
+                f"{self.prefix}:ep:{tag}")
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, error: Exception, what: str) -> None:
+        CACHE.labels("error").inc()
+        if self._available():
+            log.warning("Redis %s failed (%s); serving without the cache for %.1f s",
+                        what, error, self.retry_seconds)
+        self._down_until = time.monotonic() + self.retry_seconds
+
+    def _ttl(self) -> int:
+        spread = self.ttl * self.jitter
+        return max(1, round(self.ttl + self._random.uniform(-spread, spread)))
+
+    def get(self, key: str) -> bytes | None:
+        if not self.ttl:
+            return None
+        if not self._available():
+            CACHE.labels("error").inc()
+            return None
+        try:
+            value = self.client.get(key)
+        except redis.RedisError as error:
+            self._failed(error, "GET")
+            return None
+        CACHE.labels("hit" if value is not None else "miss").inc()
+        return value  # type: ignore[return-value]
+
+    def put(self, key: str, value: bytes, user_id: int | None = None, epoch: str = "") -> None:
+        if not self.ttl or not self._available():
+            return
+        try:
+            if user_id is None:
+                self.client.set(key, value, ex=self._ttl())
+            else:
+                ttl = self._ttl()
+                self._store(keys=[key, *self._keys(user_id)[::2]], args=[
+                    value, ttl, epoch, round(self.ttl * (1 + self.jitter)) + 1])
+        except redis.RedisError as error:
+            self._failed(error, "SET")
+
+    def user_state(self, user_id: int) -> tuple[History, str, bool]:
+        """(recent feedback {movie: value or None}, epoch, whether Redis answered)."""
+        if not self._available():
+            return {}, "", False
+        _index, feedback, epoch = self._keys(user_id)
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(feedback)
+                pipe.get(epoch)
+                items, current = pipe.execute()
+        except redis.RedisError as error:
+            self._failed(error, "read of recent feedback")
+            return {}, "", False
+        recent: History = {int(movie): float(value) if value else None
+                           for movie, value in items.items()}
+        return recent, (current or b"").decode(), True
+
+    def note_feedback(self, user_id: int, items: History) -> None:
+        if not self._available():
+            return
+        args: list[object] = [self.feedback_ttl]
+        for movie, value in items.items():
+            args += [movie, "" if value is None else value]  # "": seen, no interaction
+        try:
+            self._feedback(keys=list(self._keys(user_id)), args=args)
+        except redis.RedisError as error:
+            self._failed(error, "invalidation")
+
+    def ping(self) -> tuple[bool, str]:
+        try:
+            self.client.ping()
+        except redis.RedisError as error:
+            return False, f"Redis unreachable: {error}"
+        self._down_until = 0.0  # answered: stop bypassing it
+        return True, "Redis answers"
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class MemoryCache:
+    """Embedded mode: the same behaviour in this process, bounded by entry count."""
+
+    def __init__(self, settings: Settings, max_entries: int = 10_000) -> None:
+        self.ttl = settings.cache_ttl
+        self.jitter = settings.cache_ttl_jitter
+        self.feedback_ttl = settings.recent_feedback_ttl
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._by_user: dict[int, set[str]] = {}
+        self._feedback: dict[int, tuple[float, History]] = {}
+        self._epochs: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._random = random.Random()
+
+    def get(self, key: str) -> bytes | None:
+        if not self.ttl:
+            return None
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None and found[0] < time.monotonic():
+                del self._entries[key]
+                found = None
+        CACHE.labels("hit" if found else "miss").inc()
+        return found[1] if found else None
+
+    def put(self, key: str, value: bytes, user_id: int | None = None, epoch: str = "") -> None:
+        if not self.ttl:
+            return
+        spread = self.ttl * self.jitter
+        expires = time.monotonic() + self.ttl + self._random.uniform(-spread, spread)
+        with self._lock:
+            if user_id is not None:
+                if str(self._epochs.get(user_id, "")) != epoch:
+                    return
+                self._by_user.setdefault(user_id, set()).add(key)
+            self._entries[key] = (expires, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def user_state(self, user_id: int) -> tuple[History, str, bool]:
+        with self._lock:
+            expires, items = self._feedback.get(user_id, (0.0, {}))
+            recent = dict(items) if expires >= time.monotonic() else {}
+            return recent, str(self._epochs.get(user_id, "")), True
+
+    def note_feedback(self, user_id: int, items: History) -> None:
+        with self._lock:
+            for key in self._by_user.pop(user_id, set()):
+                self._entries.pop(key, None)
+            _, known = self._feedback.get(user_id, (0.0, {}))
+            merged = dict(known)
+            for movie, value in items.items():
+                merge(merged, movie, value)
+            self._feedback[user_id] = (time.monotonic() + self.feedback_ttl, merged)
+            self._epochs[user_id] = self._epochs.get(user_id, 0) + 1
+
+    def ping(self) -> tuple[bool, str]:
+        return True, "in-process cache (no REDIS_URL)"
+
+    def close(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def make_cache(settings: Settings) -> Cache:
+    """Redis when REDIS_URL is set, else the in-process cache."""
+    return RedisCache(settings) if settings.redis_url else MemoryCache(settings)

@@ -1,0 +1,103 @@
+"""What a user has rated or reacted to, read from Postgres on a cache miss.
+
+Serve only reads the database. Its engine has short connect and statement timeouts, and
+after a failure the database is left alone for a moment, so a Postgres outage costs a
+request milliseconds: the answer then comes from the model's snapshot alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from services.serve.metrics import DEGRADED
+from shared.db import engine_for
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# As in a snapshot (services/transform/loading.py): a rating counts with its value, a click
+# or watch as FEEDBACK_IMPLICIT_RATING stars, and a view is no interaction, only "seen".
+ENGAGED = ("click", "watch")
+History = dict[int, float | None]  # movie id -> interaction value, None: seen only
+_HISTORY = text(
+    "SELECT movie_id, rating AS value, 'rating' AS type, 0 AS part, rated_at AS at "
+    "FROM rating WHERE user_id = :user "
+    "UNION ALL SELECT movie_id, value, type, 1 AS part, "
+    "CAST(EXTRACT(EPOCH FROM occurred_at) AS BIGINT) AS at FROM feedback WHERE user_id = :user "
+    "ORDER BY part, at"
+)
+_HISTORY_SQLITE = text(
+    "SELECT movie_id, rating AS value, 'rating' AS type, 0 AS part, rated_at AS at "
+    "FROM rating WHERE user_id = :user "
+    "UNION ALL SELECT movie_id, value, type, 1 AS part, occurred_at AS at FROM feedback "
+    "WHERE user_id = :user ORDER BY part, at"
+)
+
+
+def serve_engine(settings: Settings) -> Engine:
+    """A read engine that fails fast: 2 s to connect, 2 s per statement on Postgres."""
+    url = settings.resolved_database_url
+    if not url.startswith("postgresql"):
+        return engine_for(url)
+    return create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=8, pool_timeout=2,
+                         connect_args={"connect_timeout": 2,
+                                       "options": "-c statement_timeout=2000"})
+
+
+def event_value(kind: str, value: float | None, implicit_rating: float) -> float | None:
+    """The interaction value an event adds to a history row; None when it adds none."""
+    if kind == "rating" and value is not None:
+        return float(value)
+    return implicit_rating if kind in ENGAGED else None
+
+
+def merge(history: History, movie_id: int, value: float | None) -> None:
+    """Later events win, but a view never erases an earlier interaction."""
+    if value is not None or movie_id not in history:
+        history[movie_id] = value
+
+
+class HistoryReader:
+    """A user's ratings and feedback as {movie_id: value or None}, later events winning."""
+
+    def __init__(self, engine: Engine, implicit_rating: float = 4.0,
+                 retry_seconds: float = 2.0) -> None:
+        self.engine = engine
+        self.implicit_rating = implicit_rating
+        self.retry_seconds = retry_seconds
+        self._down_until = 0.0
+        self._query = _HISTORY if engine.dialect.name == "postgresql" else _HISTORY_SQLITE
+
+    def interactions(self, user_id: int) -> tuple[History, bool]:
+        """(history, whether the database answered); an empty history when it did not."""
+        if time.monotonic() < self._down_until:
+            DEGRADED.labels("postgres").inc()
+            return {}, False
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(self._query, {"user": user_id}).all()
+        except SQLAlchemyError as error:
+            DEGRADED.labels("postgres").inc()
+            if time.monotonic() >= self._down_until:
+                log.warning("history of user %s unreadable (%s); answering from the snapshot "
+                            "for %.1f s", user_id, str(error).splitlines()[0],
+                            self.retry_seconds)
+            self._down_until = time.monotonic() + self.retry_seconds
+            return {}, False
+        history: History = {}
+        for movie_id, value, kind, _part, _at in rows:
+            merge(history, int(movie_id), event_value(kind, value, self.implicit_rating))
+        return history, True
+
+    def ping(self) -> tuple[bool, str]:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except SQLAlchemyError as error:
+            return False, f"database unreachable: {str(error).splitlines()[0]}"
+        self._down_until = 0.0
+        return True, f"{self.engine.dialect.name} answers"

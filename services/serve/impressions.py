@@ -1,0 +1,91 @@
+"""Impression logging off the request path: a buffer, and a thread that ships batches.
+
+`log` appends a tuple to a deque (no I/O, no parsing); the thread wakes every
+IMPRESSION_FLUSH_SECONDS, or as soon as IMPRESSION_BATCH lists wait, and hands them to
+the ingest service's `ingest.impressions` task. When the broker is unreachable the lists
+stay buffered (up to a bound, oldest dropped first, counted) and go with the next flush.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from services.serve.metrics import IMPRESSIONS
+
+log = logging.getLogger(__name__)
+Sender = Callable[[list[dict[str, Any]]], None]
+Pending = tuple[str, int, bytes, int, str, str, float]
+
+
+class ImpressionLogger:
+    """Buffers served lists and flushes them in batches from a background thread."""
+
+    def __init__(self, send: Sender, flush_seconds: float = 1.0, batch: int = 200,
+                 max_pending: int = 100_000) -> None:
+        self.send = send
+        self.flush_seconds = flush_seconds
+        self.batch = batch
+        self._pending: deque[Pending] = deque(maxlen=max_pending)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def log(self, request_id: str, user_id: int, items: bytes, version: int, variant: str,
+            source: str) -> None:
+        """Record one served list (items: comma-separated movie ids); costs an append."""
+        if len(self._pending) == self._pending.maxlen:
+            IMPRESSIONS.labels("dropped").inc()
+        self._pending.append((request_id, user_id, items, version, variant, source,
+                              time.time()))
+        if len(self._pending) >= self.batch:
+            self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="serve-impressions", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread after a last flush (bounded by `timeout`)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_seconds)
+            self._wake.clear()
+            self.flush()
+        self.flush()
+
+    def flush(self) -> int:
+        """Send everything buffered now; returns the lists sent."""
+        sent = 0
+        while self._pending:
+            chunk: list[Pending] = []
+            while self._pending and len(chunk) < self.batch:
+                chunk.append(self._pending.popleft())
+            try:
+                self.send([_as_task_item(p) for p in chunk])
+            except Exception as error:  # broker down or refusing: keep them for next time
+                self._pending.extendleft(reversed(chunk))
+                log.warning("impressions not sent, %d kept for the next flush: %s",
+                            len(self._pending), error)
+                return sent
+            IMPRESSIONS.labels("sent").inc(len(chunk))
+            sent += len(chunk)
+        return sent
+
+
+def _as_task_item(pending: Pending) -> dict[str, Any]:
+    request_id, user_id, items, version, variant, source, served = pending
+    return {"request_id": request_id, "user_id": user_id,
+            "items": [int(i) for i in items.split(b",") if i], "model_version": version,
+            "variant": variant, "source": source,
+            "served_at": dt.datetime.fromtimestamp(served, dt.UTC).isoformat()}

@@ -1,0 +1,109 @@
+"""Everything one serve process runs besides its routes: the model store, the cache,
+the history reader, the impression logger, the event listener and the poller."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kombu
+
+from services.serve.cache import Cache, make_cache
+from services.serve.events import PromotionListener, RegistryPoller, subscribe_in_process
+from services.serve.feedback import send_to_ingest
+from services.serve.history import HistoryReader, serve_engine
+from services.serve.impressions import ImpressionLogger
+from services.serve.models import ModelStore
+from services.serve.recommend import RecommendationService
+from services.serve.schemas import Dependency, Readiness
+from shared.events import InProcessEventBus, get_event_bus
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ServeRuntime:
+    """The long-lived parts of one serve process, started and stopped by the lifespan."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = serve_engine(settings)
+        self.cache: Cache = make_cache(settings)
+        self.history = HistoryReader(self.engine, settings.feedback_implicit_rating,
+                                     settings.cache_retry_seconds)
+        self.store = ModelStore(settings, self.engine)
+        self.impressions = ImpressionLogger(
+            lambda lists: send_to_ingest("ingest.impressions", "lists", lists),
+            settings.impression_flush_seconds, settings.impression_batch)
+        self.service = RecommendationService(self.store, self.cache, self.history,
+                                             self.impressions, settings.cache_prefix)
+        self.listener: PromotionListener | None = None
+        self.poller = RegistryPoller(settings.model_poll_seconds, self.refresh,
+                                     lambda: bool(self.store.state.models))
+        self.running = False
+
+    @property
+    def pinned(self) -> bool:
+        return self.settings.model_version != "latest"
+
+    def refresh(self, payload: dict[str, Any] | None = None) -> None:
+        """Reload from the registry; a background thread must survive any failure here."""
+        try:
+            self.store.refresh(payload)
+        except Exception:  # logged with its traceback; the old model keeps serving
+            log.exception("model refresh failed")
+
+    def start(self) -> None:
+        self.running = True
+        self.refresh()
+        self.impressions.start()
+        if not self.pinned:
+            if self.settings.broker_url:
+                self.listener = PromotionListener(self.settings.broker_url,
+                                                  self.settings.event_exchange, self.refresh)
+                self.listener.start()
+            else:
+                bus = get_event_bus()
+                if isinstance(bus, InProcessEventBus):
+                    subscribe_in_process(bus, self.refresh, lambda: self.running)
+        self.poller.start()
+
+    def stop(self) -> None:
+        self.running = False
+        if self.listener is not None:
+            self.listener.close()
+        self.poller.close()
+        self.impressions.close()
+        self.cache.close()
+        if self.engine.dialect.name == "postgresql":
+            self.engine.dispose()
+
+    def broker_check(self) -> Dependency:
+        if not self.settings.broker_url:
+            return Dependency(ok=True, detail="no BROKER_URL: tasks run in this process")
+        try:
+            with kombu.Connection(self.settings.broker_url, connect_timeout=1.0) as connection:
+                connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0,
+                                             timeout=1.0)
+        except Exception as error:  # any failure means "unreachable"; the detail says which
+            return Dependency(ok=False, detail=f"RabbitMQ unreachable: {error}")
+        events = ("subscribed to model.promoted" if self.listener and
+                  self.listener.subscribed.is_set() else
+                  "pinned: not following model.promoted" if self.pinned else
+                  "not subscribed to model.promoted yet")
+        return Dependency(ok=True, detail=f"RabbitMQ answers; {events}")
+
+    def readiness(self) -> Readiness:
+        """Ready when a model is loaded; the dependencies' state comes with the detail."""
+        redis_ok, redis_detail = self.cache.ping()
+        db_ok, db_detail = self.history.ping()
+        dependencies = {"cache": Dependency(ok=redis_ok, detail=redis_detail),
+                        "database": Dependency(ok=db_ok, detail=db_detail),
+                        "broker": self.broker_check()}
+        versions = self.store.state.versions()
+        ready = bool(versions)
+        healthy = all(d.ok for d in dependencies.values())
+        return Readiness(ready=ready,
+                         status=("ready" if healthy else "degraded") if ready else "not-ready",
+                         models=versions, last_error=self.store.last_error,
+                         dependencies=dependencies)

@@ -1,0 +1,201 @@
+"""Request and response bodies of the serve API (pydantic, so OpenAPI documents them)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.recommenders import MODEL_KINDS
+from shared.settings import EvalProtocol
+
+MAX_ID = 2**31 - 1  # ids are Postgres integers; larger ones cannot name anything
+MAX_K = 100
+MAX_OFFSET = 1000
+MAX_FEEDBACK_BATCH = 1000
+FEEDBACK_TYPES = ("rating", "click", "view", "watch")
+FeedbackType = Literal["rating", "click", "view", "watch"]
+Source = Literal["model", "fold-in", "popular"]
+Variant = Literal["champion", "challenger", "pinned"]
+Alias = Literal["champion", "challenger"]
+# Request ids travel into Postgres via the ingest worker, which retries forever: refuse
+# anything (NUL bytes, odd unicode) that could make such a message a poison pill.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+
+
+class Item(BaseModel):
+    movie_id: int = Field(description="MovieLens movie id.")
+    title: str
+    year: int | None
+    genres: list[str]
+    score: float = Field(description="Model score (train count for the popular list).")
+
+
+class RecommendationList(BaseModel):
+    user_id: int
+    items: list[Item]
+    model_version: int
+    variant: Variant = Field(description="Which model answered: champion, challenger, or "
+                             "pinned (MODEL_VERSION).")
+    source: Source = Field(description="model: the user is in the model; fold-in: the user's "
+                           "interactions were folded in; popular: cold start.")
+    request_id: str = Field(description="Id of this list; send it back with feedback.")
+
+
+class SimilarItems(BaseModel):
+    movie_id: int
+    items: list[Item]
+    model_version: int
+
+
+class PopularList(BaseModel):
+    items: list[Item]
+    genres: list[str]
+    model_version: int
+
+
+class FeedbackIn(BaseModel):
+    """One feedback event; a batch is a JSON array of these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: int = Field(ge=1, le=MAX_ID)
+    movie_id: int = Field(ge=1, le=MAX_ID)
+    type: FeedbackType
+    value: float | None = Field(
+        None, ge=-1e6, le=1e6, allow_inf_nan=False,
+        description="Rating value (required for `rating`, 0.5 to 5); optional and only "
+        "stored for the other types (a click or watch counts as FEEDBACK_IMPLICIT_RATING "
+        "stars, a view as seen). Kept to 4 decimals.",
+    )
+    timestamp: dt.datetime | None = Field(
+        None, description="When it happened (ISO 8601); now when omitted, UTC when naive."
+    )
+    request_id: str | None = Field(
+        None, pattern=REQUEST_ID_PATTERN, description="request_id of the list it answers."
+    )
+
+    @field_validator("timestamp")
+    @classmethod
+    def _utc(cls, value: dt.datetime | None) -> dt.datetime | None:
+        if value is None:
+            return None
+        try:
+            value = (value.replace(tzinfo=dt.UTC) if value.tzinfo is None
+                     else value.astimezone(dt.UTC))
+        except (OverflowError, ValueError):
+            raise ValueError("timestamp is outside the range of dates that can be stored") from None
+        if value > dt.datetime.now(dt.UTC) + dt.timedelta(days=1):
+            raise ValueError("timestamp is more than a day in the future")
+        return value
+
+    @model_validator(mode="after")
+    def _rating_needs_value(self) -> FeedbackIn:
+        if self.type == "rating" and (self.value is None or not 0.5 <= self.value <= 5.0):
+            raise ValueError("a rating needs a value from 0.5 to 5")
+        if self.value is not None:
+            # REAL columns refuse magnitudes they cannot hold (underflow too): round first.
+            self.value = round(self.value, 4)
+        return self
+
+
+class FeedbackAccepted(BaseModel):
+    accepted: int = Field(description="Events now durably queued for persistence.")
+    event_ids: list[str]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: int
+    algorithm: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    snapshot: str
+    artifact_path: str
+    sha256: str
+    aliases: list[str]
+    created_at: str | None
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+    serving: dict[str, int] = Field(description="Version each variant of this process serves.")
+
+
+class PromoteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    alias: Alias = "champion"
+    reason: str = Field("promoted through the API", max_length=500)
+
+
+class RollbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    alias: Alias = "champion"
+    reason: str = Field("rolled back through the API", max_length=500)
+
+
+class AliasMove(BaseModel):
+    status: Literal["done", "queued"] = Field(
+        description="done: the alias moved; queued: the registry worker has not answered "
+        "yet and will move it when it takes the task."
+    )
+    task_id: str | None = None
+    alias: str
+    version: int | None = None
+    previous: int | None = None
+    action: str | None = None
+    reason: str | None = None
+
+
+class RetrainIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    algorithms: list[str] | None = Field(
+        None, min_length=1, max_length=len(MODEL_KINDS),
+        description=f"Algorithms to train (all when omitted): {', '.join(sorted(MODEL_KINDS))}.",
+    )
+    trials: int | None = Field(None, ge=1, le=1000, description="Tuning trials per algorithm.")
+    protocol: EvalProtocol | None = None
+
+    @field_validator("algorithms")
+    @classmethod
+    def _known(cls, value: list[str] | None) -> list[str] | None:
+        unknown = [a for a in value or [] if a not in MODEL_KINDS]
+        if unknown:
+            raise ValueError(f"unknown algorithm {unknown[0]!r}; one of "
+                             f"{', '.join(sorted(MODEL_KINDS))}")
+        return value
+
+
+class RetrainQueued(BaseModel):
+    task_id: str | None = Field(description="Id of the chain's last task (None when it runs "
+                                "in-process, embedded mode).")
+    stages: list[str]
+    status: Literal["queued", "running"]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Dependency(BaseModel):
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    ready: bool = Field(description="A model is loaded, so recommendations are served.")
+    status: Literal["ready", "degraded", "not-ready"] = Field(
+        description="degraded: serving, but a dependency is down (answers are computed "
+        "without the cache, or from the snapshot alone, or feedback is refused)."
+    )
+    models: dict[str, int]
+    last_error: str | None
+    dependencies: dict[str, Dependency]
+
+
+class Problem(BaseModel):
+    detail: str
