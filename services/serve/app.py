@@ -10,17 +10,29 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request, Response
+from fastapi import (
+    APIRouter,
+    Body,
+    Depends,
+    FastAPI,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    Response,
+)
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import Field
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.serve import admin
 from services.serve.feedback import FeedbackUnavailable, accept_feedback
 from services.serve.metrics import MetricsMiddleware, render
 from services.serve.models import UnknownGenre
+from services.serve.online import OnlineCollector, latest_windows
 from services.serve.recommend import ListRequest, NoModel, UnknownItem
 from services.serve.runtime import ServeRuntime
 from services.serve.schemas import (
@@ -34,6 +46,7 @@ from services.serve.schemas import (
     Health,
     ModelInfo,
     ModelList,
+    OnlineMetrics,
     PopularList,
     Problem,
     PromoteIn,
@@ -215,10 +228,21 @@ def readyz(request: Request, response: Response) -> Readiness:
 @router.get("/metrics", response_class=Response, tags=["operations"],
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                              "description": "Prometheus exposition format."}})
-def metrics() -> Response:
-    """Prometheus metrics of every worker of this server."""
-    body, content_type = render()
+def metrics(request: Request) -> Response:
+    """Prometheus metrics of every worker of this server, and the latest online window."""
+    body, content_type = render(OnlineCollector(runtime_of(request).engine))
     return Response(body, media_type=content_type)
+
+
+@router.get("/metrics/online", response_model=OnlineMetrics, tags=["operations"])
+def online_metrics(request: Request,
+                   windows: Annotated[int, Query(ge=1, le=100)] = 1) -> OnlineMetrics:
+    """The newest online windows eval computed: CTR@k, hit rate, click position, volume and
+    satisfaction per model version and variant."""
+    try:
+        return OnlineMetrics(windows=latest_windows(runtime_of(request).engine, windows))
+    except SQLAlchemyError:
+        raise HTTPException(503, "the database holding the online metrics is unreachable") from None
 
 
 def _problem(status: int) -> Any:

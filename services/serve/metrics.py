@@ -21,6 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as prometheus_multiprocess
+from prometheus_client.registry import Collector
 
 REQUESTS = Counter("recsys_serve_requests_total", "HTTP requests by route template, method "
                    "and status code.", ["route", "method", "status"])
@@ -44,13 +45,20 @@ DEGRADED = Counter("recsys_serve_degraded_total", "Answers computed without a de
                    ["dependency"])
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text: every worker's samples in multiprocess mode, else this one's."""
+def render(extra: Collector | None = None) -> tuple[bytes, str]:
+    """The exposition text: every worker's samples in multiprocess mode, else this one's,
+    plus `extra` (the online figures, read from the database at scrape time)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         prometheus_multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    else:
+        registry = REGISTRY
+    body = generate_latest(registry)
+    if extra is not None:
+        scrape = CollectorRegistry()
+        scrape.register(extra)
+        body += generate_latest(scrape)
+    return body, CONTENT_TYPE_LATEST
 
 
 class MetricsMiddleware:

@@ -199,3 +199,27 @@ class Readiness(BaseModel):
 
 class Problem(BaseModel):
     detail: str
+
+
+class OnlineWindow(BaseModel):
+    """One model version's and variant's online figures over one window."""
+
+    window_start: dt.datetime
+    window_end: dt.datetime
+    model_version: int | None = Field(description="0: lists served without a model.")
+    variant: str
+    k: int
+    lists: int
+    impressions: int
+    clicks: int
+    ctr: float
+    hit_rate: float
+    mean_click_position: float | None
+    feedback: int
+    satisfaction: float | None
+
+
+class OnlineMetrics(BaseModel):
+    """The newest online windows, newest first (empty before eval.online has run)."""
+
+    windows: list[OnlineWindow]
