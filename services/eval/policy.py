@@ -233,12 +233,27 @@ def rollback_rule() -> dict[str, Any] | None:
                    version=version, previous=previous)
 
 
+def ab_rule() -> dict[str, Any] | None:
+    """With AB_AUTO_PROMOTE: promote a challenger that won the A/B test on CTR."""
+    from services.eval.ab import ab_status, promote_winner
+
+    if not get_settings().ab_auto_promote:
+        return None
+    status = ab_status()
+    moved = promote_winner(status)
+    if moved is None:
+        return None
+    return _record("ab_winner", True, "promote", moved.get("reason", "challenger won"),
+                   version=moved["version"], previous=moved["previous"],
+                   p_value=status["p_value"])
+
+
 def handle(event: Event) -> list[dict[str, Any]]:
     """Apply the rules an event can change; returns the decisions that were taken."""
     if event.type == "feedback.received":
         rules = [new_feedback_rule]
     elif event.type == "metrics.online":
-        rules = [rollback_rule, ctr_drop_rule]
+        rules = [rollback_rule, ab_rule, ctr_drop_rule]
     else:
         return []
     decisions = []

@@ -100,3 +100,26 @@ def test_automatic_rollback(champion: str, use_settings) -> None:  # type: ignor
     decided = policy.handle(Event(type="metrics.online"))
     assert decided[0]["action"] == "rollback"
     assert policy._champion()[0] == old
+
+
+def test_ab_winner_is_promoted_when_the_policy_allows(champion: str, use_settings) -> None:  # type: ignore[no-untyped-def]
+    from services.registry.registry import promote
+    from shared.db import Impression
+
+    use_settings(AB_AUTO_PROMOTE="true", AB_MIN_EFFECT="1.0", ONLINE_K="1")
+    old = policy._champion()[0]
+    challenger = 1 if old != 1 else 2
+    promote(challenger, alias="challenger", reason="test")
+    served = dt.datetime.now(dt.UTC)
+    with session_scope() as session:
+        for n in range(400):
+            variant = "challenger" if n % 2 else "champion"
+            session.add(Impression(request_id=f"ab{n}", user_id=n + 1, movie_id=9, position=1,
+                                   model_version=challenger if n % 2 else old,
+                                   variant=variant, source="model", served_at=served))
+            if (n % 2 and n % 4 == 1) or (not n % 2 and n % 20 == 0):
+                session.add(Feedback(event_id=f"ab{n}", user_id=n + 1, movie_id=9,
+                                     type="click", request_id=f"ab{n}", occurred_at=served))
+    decided = policy.handle(Event(type="metrics.online"))
+    assert decided and decided[0]["rule"] == "ab_winner"
+    assert policy._champion()[0] == challenger
