@@ -253,7 +253,8 @@ def handle(event: Event) -> list[dict[str, Any]]:
     if event.type == "feedback.received":
         rules = [new_feedback_rule]
     elif event.type == "metrics.online":
-        rules = [rollback_rule, ab_rule, ctr_drop_rule]
+        # The feedback count is checked here too: whichever event arrives first may fire.
+        rules = [rollback_rule, ab_rule, ctr_drop_rule, new_feedback_rule]
     else:
         return []
     decisions = []
