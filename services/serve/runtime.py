@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import kombu
+from threadpoolctl import threadpool_limits
 
 from services.serve.cache import Cache, make_cache
 from services.serve.events import PromotionListener, RegistryPoller, subscribe_in_process
@@ -26,6 +27,10 @@ class ServeRuntime:
     """The long-lived parts of one serve process, started and stopped by the lifespan."""
 
     def __init__(self, settings: Settings) -> None:
+        # Requests already run on many threads: a BLAS pool inside each one would fight the
+        # others for the same cores (measured: 60k-item scoring 2.9 ms alone, 133 ms under
+        # 8 concurrent requests, against 0.45 ms and 3.2 ms with one BLAS thread).
+        threadpool_limits(1, "blas")
         self.settings = settings
         self.engine = serve_engine(settings)
         self.cache: Cache = make_cache(settings)

@@ -1,0 +1,60 @@
+"""The serve benchmark: one tiny real run (serve, the bare app, wrk, an ingest worker)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg2
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `bench` is a folder of scripts, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench.ingest import libpq_dsn  # noqa: E402
+
+JSON_KEYS = {"hit_rps", "bare_rps", "hit_ratio", "miss_p99_ms_100k", "miss_p99_ms_60k_items",
+             "impression_cost", "feedback_events_per_s", "feedback_lost"}
+
+
+def _database_exists(admin_url: str, name: str) -> bool:
+    conn = psycopg2.connect(libpq_dsn(make_url(admin_url)))
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            return cursor.fetchone() is not None
+    finally:
+        conn.close()
+
+
+def test_benchmark_smoke_run(service_urls: dict[str, str], ml100k: Path, tmp_path: Path
+                             ) -> None:
+    # Redis db 14 as the benchmark's default: its keys go under a fresh prefix and are
+    # deleted afterwards, nothing is flushed. wrk is installed by the benchmark if missing.
+    redis_url = re.sub(r"/\d+$", "", service_urls["redis"].rstrip("/")) + "/14"
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "serve.py"), "--duration", "1", "--items", "2000",
+         "--connections", "4", "--latency-connections", "0", "--impression-lists", "2000",
+         "--ml100k", str(ml100k), "--workdir", str(tmp_path),
+         "--database-url", service_urls["postgres"], "--broker-url", service_urls["rabbitmq"],
+         "--redis-url", redis_url],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    lines = completed.stdout.strip().splitlines()
+    assert len(lines) > 1  # human-readable lines come first
+    figures = json.loads(lines[-1])
+    assert set(figures) == JSON_KEYS
+    assert figures["feedback_lost"] == 0
+    for key in JSON_KEYS - {"feedback_lost"}:
+        assert figures[key] > 0, key
+    assert any(line.startswith("cache hits:") for line in lines)
+    assert any("hot-swapped" in line or "restarted" in line for line in lines)
+    # Cleaned up: the scratch database dropped, the scratch folder removed.
+    scratch = re.search(r"^scratch database (\S+) on ", completed.stdout, re.MULTILINE)
+    assert scratch and not _database_exists(service_urls["postgres"], scratch.group(1))
+    assert not list(tmp_path.glob("bench-serve-*"))
