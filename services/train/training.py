@@ -87,10 +87,14 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
                 "algorithm": algorithm, "trial": number + 1, "trials": trials,
                 "value": value})) if progress else None)
         chosen, validation = result.best_params, {result.metric: result.best_score}
-    else:
+    elif tune:  # nothing to search (most-popular): still report its validation score
         chosen = spec.resolve_params(base)
         model = fit_algorithm(algorithm, pair[0], chosen, settings.seed, threads())
         validation = {"ndcg@10": evaluate_model(model, pair[0], pair[1], (10,))["ndcg@10"]}
+    else:
+        # A plain fit trains once: measuring is eval's job, and a validation pass here
+        # would cost a second fit and a scoring of every user (5x the fit at 25M ratings).
+        chosen, validation = spec.resolve_params(base), {}
     spread = cross_validation(data, algorithm, chosen, cv_folds) if cv_folds else None
     if progress:
         progress("fit", {"algorithm": algorithm, "params": chosen})
