@@ -29,7 +29,7 @@ def fit(self: Any, snapshot: dict[str, Any], algorithm: str = "als",
     try:
         result = fit_on_snapshot(load_snapshot(snapshot), algorithm, params,
                                  progress=_progress(self))
-    except (TrainingError, ArtifactError) as error:
+    except (TrainingError, ArtifactError, ValueError) as error:  # ValueError: bad params
         raise TrainingError(str(error)) from None
     return {**result, "task_id": self.request.id}
 
@@ -41,6 +41,6 @@ def tune(self: Any, snapshot: dict[str, Any], algorithms: list[str] | None = Non
     try:
         results = train_many(snapshot, algorithms, tune=True, n_trials=n_trials,
                              progress=_progress(self), cv_folds=cv_folds)
-    except (TrainingError, ArtifactError) as error:
+    except (TrainingError, ArtifactError, ValueError) as error:  # ValueError: bad params
         raise TrainingError(str(error)) from None
     return [{**r, "task_id": self.request.id} for r in results]

@@ -134,5 +134,10 @@ def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None
         raise TrainingError(f"unknown algorithm(s) {', '.join(unknown)}; "
                             f"one of {', '.join(ALGORITHMS)}")
     data = load_snapshot(snapshot)
+    if algorithms is None:
+        # By default, leave out what cannot fit this catalogue (EASE's dense item x item
+        # matrices above max_items); asked for by name, it fails with its own message.
+        n_items = len(data.arrays["item_ids"])
+        names = [n for n in names if n_items <= default_params(n).get("max_items", n_items)]
     return [fit_on_snapshot(data, name, tune=tune, n_trials=n_trials, progress=progress,
                             cv_folds=cv_folds) for name in names]
