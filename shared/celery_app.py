@@ -106,6 +106,15 @@ app = Celery("recsys")
 def configure_app(settings: Settings | None = None) -> Celery:
     """Apply the settings in force to the app (at import and after settings change)."""
     app.conf.update(_celery_config(settings or get_settings()))
+    # The result backend and the connection pools were made for the previous URLs and are
+    # cached on the app: drop them so the next use follows the settings now in force.
+    app._backend_cache = None
+    app._local.__dict__.pop("backend", None)
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    if "amqp" in app.__dict__:
+        app.__dict__["amqp"]._producer_pool = None
     return app
 
 
