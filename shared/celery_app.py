@@ -110,9 +110,7 @@ def configure_app(settings: Settings | None = None) -> Celery:
     # cached on the app: drop them so the next use follows the settings now in force.
     app._backend_cache = None
     app._local.__dict__.pop("backend", None)
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
+    app._pool = None  # kombu keeps pools per connection URL; a new URL gets its own
     if "amqp" in app.__dict__:
         app.__dict__["amqp"]._producer_pool = None
     return app

@@ -31,7 +31,8 @@ def fit_and_register(snapshot: dict, algorithm: str, params: dict | None = None)
     trained = fit_on_snapshot(load_snapshot(snapshot), algorithm, params)
     return registry.register(snapshot["snapshot_id"], algorithm, trained["params"],
                              trained["artifact_path"], trained["sha256"],
-                             metrics=trained["validation"])["version"]
+                             # figures registered earlier must survive the evaluation
+                             metrics={"validation_ndcg@10": 0.3})["version"]
 
 
 @pytest.fixture
