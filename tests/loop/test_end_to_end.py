@@ -59,7 +59,9 @@ def loop_stack(pg_url: str, broker_url: str, redis_url: str, use_settings,  # ty
            "DATA_PATH": str(tmp_path / "data"), "MODEL_PATH": str(tmp_path / "models"),
            "DATA_SOURCE": str(ml100k), "API_KEY": API_KEY,
            "CACHE_PREFIX": f"loop{uuid.uuid4().hex[:8]}",
-           "RETRAIN_MIN_FEEDBACK": "20", "RETRAIN_ALGORITHMS": "ease", "RETRAIN_TRIALS": "2",
+           # EASE with enough trials that a retrain lasts several seconds, so the kill -9
+           # below lands while train.tune runs, not after it.
+           "RETRAIN_MIN_FEEDBACK": "20", "RETRAIN_ALGORITHMS": "ease", "RETRAIN_TRIALS": "30",
            # Only the new-feedback rule here: a CTR drop needs many windows.
            "RETRAIN_LOW_WINDOWS": "1000",
            "ONLINE_INTERVAL_SECONDS": "10", "IMPRESSION_FLUSH_SECONDS": "0.2"}
