@@ -504,24 +504,15 @@ def register_synthetic(built: Built, n_items: int, factors: int, database: URL,
 
 
 def ingest_nodes() -> int:
-    from shared.celery_app import app
+    from shared.celery_app import ServiceQueue, answering_workers
 
-    return sum(1 for reply in app.control.ping(timeout=1.0) for node in reply
-               if node.startswith("ingest@"))
+    return answering_workers(ServiceQueue.INGEST)
 
 
 def purge_ingest_queue() -> int:
-    """Declare the ingest queue as the worker does and empty it (as tests/conftest.py does)."""
-    from shared.celery_app import ServiceQueue, app
+    from shared.celery_app import ServiceQueue, purge_queues
 
-    purged = 0
-    with app.connection_for_write() as connection:
-        for queue in app.conf.task_queues:
-            if queue.name == ServiceQueue.INGEST.value:
-                bound = queue.bind(connection.default_channel)
-                bound.declare()
-                purged += bound.purge() or 0
-    return purged
+    return purge_queues(ServiceQueue.INGEST)
 
 
 def start_ingest_worker(env: dict[str, str], folder: Path, concurrency: int,

@@ -434,25 +434,15 @@ def configure_environment(env: dict[str, str]) -> None:
 
 
 def train_nodes() -> int:
-    """How many `train@...` workers answer a ping on this broker."""
-    from shared.celery_app import app
+    from shared.celery_app import ServiceQueue, answering_workers
 
-    return sum(1 for reply in app.control.ping(timeout=1.0) for node in reply
-               if node.startswith("train@"))
+    return answering_workers(ServiceQueue.TRAIN)
 
 
 def purge_train_queue() -> int:
-    """Declare the train queue as the worker does and empty it (as tests/conftest.py does)."""
-    from shared.celery_app import ServiceQueue, app
+    from shared.celery_app import ServiceQueue, purge_queues
 
-    purged = 0
-    with app.connection_for_write() as connection:
-        for queue in app.conf.task_queues:
-            if queue.name == ServiceQueue.TRAIN.value:
-                bound = queue.bind(connection.default_channel)
-                bound.declare()
-                purged += bound.purge() or 0
-    return purged
+    return purge_queues(ServiceQueue.TRAIN)
 
 
 def wait_for_sole_train_worker(timeout: float) -> None:

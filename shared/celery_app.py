@@ -154,6 +154,26 @@ def task_available(name: str) -> bool:
     return name in app.tasks
 
 
+def purge_queues(*queues: ServiceQueue) -> int:
+    """Declare service queues (all when none given) as the workers do and empty them, so a
+    worker started next sees only new tasks; returns how many messages were dropped."""
+    wanted = {q.value for q in queues or tuple(ServiceQueue)}
+    purged = 0
+    with app.connection_for_write() as connection:
+        for queue in app.conf.task_queues:
+            if queue.name in wanted:
+                bound = queue.bind(connection.default_channel)
+                bound.declare()
+                purged += bound.purge() or 0
+    return purged
+
+
+def answering_workers(queue: ServiceQueue, timeout: float = 1.0) -> int:
+    """How many `<queue>@...` workers answer a ping on this broker."""
+    return sum(1 for reply in app.control.ping(timeout=timeout) for node in reply
+               if node.startswith(f"{queue.value}@"))
+
+
 def run_task(name: str, kwargs: dict[str, Any], timeout: float | None = None) -> Any:
     """Run a task by name: through the broker when configured, else in this process."""
     # Celery rebuilds a task's exception as its own class only when that class's module is

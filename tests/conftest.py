@@ -226,10 +226,6 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str 
 def purge_service_queues() -> None:
     """Declare every service queue as the workers do and empty it, so a worker started
     by a test sees only that test's tasks."""
-    from shared.celery_app import app
+    from shared.celery_app import purge_queues
 
-    with app.connection_for_write() as connection:
-        for queue in app.conf.task_queues:
-            bound = queue.bind(connection.default_channel)
-            bound.declare()
-            bound.purge()
+    purge_queues()
