@@ -25,7 +25,6 @@ Human-readable lines first; the last stdout line is one JSON object:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import shutil
@@ -46,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 
 import httpx
 
-from bench.online_window import generate, scratch_database, time_bare, time_ours
+from bench.online_window import measure, scratch_database
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -248,12 +247,8 @@ def direct_stages(algorithms: list[str], trials: int) -> tuple[float, dict[str, 
 
 
 def measure_online_window(args: argparse.Namespace) -> float:
-    with scratch_database(args.database_url) as url:
-        end = generate(url, args.impressions, args.feedback, args.seed)
-        start, k = end - dt.timedelta(hours=1), 10
-        time_ours(url, start, end, k)  # warm the buffers once for both
-        ours = min(time_ours(url, start, end, k) for _ in range(args.repeat))
-        bare = min(time_bare(url, start, end, k) for _ in range(args.repeat))
+    ours, bare = measure(args.database_url, args.impressions, args.feedback, args.seed,
+                         args.repeat)
     ratio = ours / bare
     log(f"online window over {args.impressions:,} impressions and {args.feedback:,} feedback "
         f"events: {ours * 1000:.0f} ms; bare aggregate {bare * 1000:.0f} ms; ratio "

@@ -117,6 +117,18 @@ def time_ours(url: str, start: dt.datetime, end: dt.datetime, k: int) -> float:
     return time.perf_counter() - clock
 
 
+def measure(database_url: str, impressions: int, feedback: int, seed: int, repeat: int
+            ) -> tuple[float, float]:
+    """(ours, bare) best seconds over `repeat` runs on freshly generated data."""
+    with scratch_database(database_url) as url:
+        end = generate(url, impressions, feedback, seed)
+        start, k = end - dt.timedelta(hours=1), 10
+        time_ours(url, start, end, k)  # warm the buffers once for both
+        ours = min(time_ours(url, start, end, k) for _ in range(repeat))
+        bare = min(time_bare(url, start, end, k) for _ in range(repeat))
+    return ours, bare
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impressions", type=int, default=1_000_000)
@@ -126,12 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url",
                         default="postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args(argv)
-    with scratch_database(args.database_url) as url:
-        end = generate(url, args.impressions, args.feedback, args.seed)
-        start, k = end - dt.timedelta(hours=1), 10
-        time_ours(url, start, end, k)  # warm the buffers once for both
-        ours = min(time_ours(url, start, end, k) for _ in range(args.repeat))
-        bare = min(time_bare(url, start, end, k) for _ in range(args.repeat))
+    ours, bare = measure(args.database_url, args.impressions, args.feedback, args.seed,
+                         args.repeat)
     ratio = ours / bare
     print(f"online window over {args.impressions:,} impressions and {args.feedback:,} "
           f"feedback events: {ours * 1000:.0f} ms; bare aggregate {bare * 1000:.0f} ms; "
