@@ -1,9 +1,12 @@
 """Impression logging off the request path: a buffer, and a thread that ships batches.
 
-`log` appends a tuple to a deque (no I/O, no parsing); the thread wakes every
-IMPRESSION_FLUSH_SECONDS, or as soon as IMPRESSION_BATCH lists wait, and hands them to
-the ingest service's `ingest.impressions` task. When the broker is unreachable the lists
-stay buffered (up to a bound, oldest dropped first, counted) and go with the next flush.
+`log` appends a tuple to a deque (no I/O, no parsing); the thread wakes as soon as
+IMPRESSION_BATCH lists wait and ships full batches only, or every IMPRESSION_FLUSH_SECONDS
+and ships everything, handing them to the ingest service's `ingest.impressions` task. A
+message per full batch keeps the publishing cost per list small under load (a thread that
+shipped whatever trickled in during the last publish would send a message per few lists).
+When the broker is unreachable the lists stay buffered (up to a bound, oldest dropped
+first, counted) and go with the next flush.
 """
 
 from __future__ import annotations
@@ -59,15 +62,16 @@ class ImpressionLogger:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self.flush_seconds)
+            full = self._wake.wait(self.flush_seconds)
             self._wake.clear()
-            self.flush()
+            self.flush(partial=not full or self._stop.is_set())
         self.flush()
 
-    def flush(self) -> int:
-        """Send everything buffered now; returns the lists sent."""
+    def flush(self, partial: bool = True) -> int:
+        """Send what is buffered in batches of IMPRESSION_BATCH, and the last, smaller one
+        too when `partial`; returns the lists sent."""
         sent = 0
-        while self._pending:
+        while len(self._pending) >= (1 if partial else self.batch):
             chunk: list[Pending] = []
             while self._pending and len(chunk) < self.batch:
                 chunk.append(self._pending.popleft())
