@@ -10,6 +10,7 @@ training statistics (BM25/TF-IDF idf and mean row length) rather than their own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -34,28 +35,45 @@ class IdIndex:
     def __len__(self) -> int:
         return int(self.ids.size)
 
+    @cached_property
+    def _table(self) -> np.ndarray | None:
+        """Small non-negative integer ids (MovieLens): a position per id, -1 for a gap, so a
+        look-up is one index operation instead of a binary search (about 30x faster on tens
+        of millions of ratings). Built once per index; None for other ids."""
+        if not len(self) or self.ids.dtype.kind not in "iu" or not (
+                0 <= self.ids[0] and self.ids[-1] < 1 << 24):
+            return None
+        table = np.full(int(self.ids[-1]) + 1, -1, dtype=np.int64)
+        table[self.ids] = np.arange(len(self), dtype=np.int64)
+        return table
+
     def to_index(
         self, raw_ids: pd.Series | np.ndarray, *, allow_unknown: bool = False, label: str = "ids"
     ) -> np.ndarray:
         """Dense indices for raw ids; unknown ids raise (naming ``label``), or map to -1."""
         raw = np.asarray(raw_ids)
-        if len(self) and raw.dtype.kind in "iu" and 0 <= self.ids[0] and self.ids[-1] < 1 << 24:
-            # Small non-negative integer ids (MovieLens): one table lookup per id instead of
-            # a binary search, about 30x faster on tens of millions of ratings.
-            table = np.full(int(self.ids[-1]) + 2, -1, dtype=np.int64)
-            table[self.ids] = np.arange(len(self), dtype=np.int64)
-            inside = (raw >= 0) & (raw <= self.ids[-1])
-            pos_clipped = np.where(inside, table[np.where(inside, raw, len(table) - 1)], -1)
-            known = pos_clipped >= 0
-            pos_clipped = np.maximum(pos_clipped, 0)
+        table = self._table
+        if table is not None and raw.dtype.kind in "iu":
+            inside = (raw >= 0) & (raw < table.size)
+            positions = np.where(inside, table[np.where(inside, raw, 0)], -1)
+            known = positions >= 0
         else:
             pos = np.searchsorted(self.ids, raw)
             pos_clipped = np.minimum(pos, max(len(self) - 1, 0))
             known = (pos < len(self)) & (self.ids[pos_clipped] == raw) if len(self) else pos < 0
+            positions = np.where(known, pos_clipped, -1)
         if not known.all() and not allow_unknown:
             missing = np.unique(raw[~known])[:5].tolist()
             raise ValueError(f"{label} not in the index (first few): {missing}")
-        return np.where(known, pos_clipped, -1).astype(np.int64)
+        return positions.astype(np.int64, copy=False)
+
+    def position(self, raw_id: int) -> int:
+        """The dense index of one raw id, or -1 when it is not in the index."""
+        table = self._table
+        if table is not None:
+            return int(table[raw_id]) if 0 <= raw_id < table.size else -1
+        pos = int(np.searchsorted(self.ids, raw_id))
+        return pos if pos < len(self) and self.ids[pos] == raw_id else -1
 
     def to_ids(self, indices: np.ndarray) -> np.ndarray:
         """Raw ids for dense indices."""

@@ -110,6 +110,14 @@ class Recommender(ABC):
         users = np.asarray(user_indices, dtype=np.int64).reshape(-1)
         return self._score(users, self.weighting.transform(sp.csr_matrix(user_items)))
 
+    def score_user(self, user_index: int, items: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Scores of every item for one user (index -1: not trained on) from their raw
+        history as item indices and values: the serving path, one user per request."""
+        row = sp.csr_matrix((np.asarray(values, dtype=np.float32),
+                             np.asarray(items, dtype=np.int32), np.array([0, len(items)])),
+                            shape=(1, self.n_items))
+        return self.score([user_index], row)[0]
+
     def recommend_for_history(
         self, user_items: sp.spmatrix, k: int, filter_seen: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +168,11 @@ class FactorModel(Recommender):
         self.item_factors = np.ascontiguousarray(item_factors, dtype=np.float32)
         self.regularization = float(regularization)
         self.alpha = float(alpha)
+
+    def score_user(self, user_index: int, items: np.ndarray, values: np.ndarray) -> np.ndarray:
+        if 0 <= user_index < len(self.user_factors):  # trained on: no history needed
+            return self.item_factors @ self.user_factors[user_index]
+        return super().score_user(user_index, items, values)
 
     def _score(self, user_indices: np.ndarray, rows: sp.csr_matrix) -> np.ndarray:
         if user_indices.size and not -1 <= user_indices.min() <= user_indices.max() < len(

@@ -15,7 +15,6 @@ import uuid
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 
 from services.serve.cache import Cache, list_key
 from services.serve.history import History, HistoryReader, merge
@@ -137,11 +136,12 @@ class RecommendationService:
 
     def _compute(self, model: LoadedModel, request: ListRequest, extra: History
                  ) -> tuple[np.ndarray, np.ndarray, str]:
-        user = int(model.users.to_index(np.array([request.user_id]), allow_unknown=True)[0])
-        row = model.train[user] if user >= 0 else sp.csr_matrix((1, len(model.items)),
-                                                                 dtype=np.float32)
-        values: dict[int, float | None] = dict(zip(row.indices.tolist(), row.data.tolist(),
-                                                   strict=True))
+        user = model.users.position(request.user_id)
+        values: dict[int, float | None] = {}
+        if user >= 0:  # the snapshot's train row, read straight from the CSR arrays
+            start, end = model.train.indptr[user], model.train.indptr[user + 1]
+            values = dict(zip(model.train.indices[start:end].tolist(),
+                              model.train.data[start:end].tolist(), strict=True))
         if extra:
             movies = np.fromiter(extra, dtype=np.int64, count=len(extra))
             columns = model.items.to_index(movies, allow_unknown=True)
@@ -158,13 +158,10 @@ class RecommendationService:
             source, scores = "popular", model.popularity
         else:
             source = "model" if user >= 0 else "fold-in"
-            history = sp.csr_matrix(
-                (np.fromiter(interactions.values(), dtype=np.float32, count=len(interactions)),
-                 (np.zeros(len(interactions), dtype=np.int64),
-                  np.fromiter(interactions, dtype=np.int64, count=len(interactions)))),
-                shape=(1, len(model.items)))
             # The whole score row: genre and exclusion masks apply before ranking.
-            scores = model.recommender.score([user], history)[0]
+            scores = model.recommender.score_user(
+                user, np.fromiter(interactions, dtype=np.int64, count=len(interactions)),
+                np.fromiter(interactions.values(), dtype=np.float32, count=len(interactions)))
         indices, best = rank(scores, banned, model.genre_mask(request.genres),
                              request.offset + request.k)
         return indices[request.offset:], best[request.offset:], source
@@ -173,7 +170,7 @@ class RecommendationService:
         """Body of the movies most similar to `movie_id` in the primary model."""
         model = self._state().primary
         assert model is not None
-        column = int(model.items.to_index(np.array([movie_id]), allow_unknown=True)[0])
+        column = model.items.position(movie_id)
         if column < 0:
             raise UnknownItem(f"movie {movie_id} is not in model version {model.version}")
         key = f"{self.prefix}:sim:v{model.version}:{movie_id}:k{k}"
