@@ -85,7 +85,10 @@ def _celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "result_accept_content": ["json"],
         "task_track_started": True,
-        "task_send_sent_event": True,
+        # No task-sent event: it is a second confirmed publish per task, doubling the cost
+        # of every feedback and impression message. Flower still sees each task from its
+        # worker's events (received, started, succeeded or failed).
+        "task_send_sent_event": False,
         "worker_send_task_events": True,
         "result_expires": 7 * 24 * 3600,
         "broker_transport_options": {"confirm_publish": True},
