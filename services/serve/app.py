@@ -146,8 +146,7 @@ def popular(request: Request, k: K = 10, offset: Offset = 0, genres: Genres = No
 def feedback(request: Request, events: FeedbackBody) -> FeedbackAccepted:
     """Accept events once RabbitMQ has confirmed them; the ingest service stores them."""
     batch = events if isinstance(events, list) else [events]
-    runtime = runtime_of(request)
-    ids = accept_feedback(batch, runtime.cache, runtime.settings.feedback_implicit_rating)
+    ids = accept_feedback(batch, runtime_of(request).feedback)
     return FeedbackAccepted(accepted=len(ids), event_ids=ids)
 
 

@@ -70,7 +70,7 @@ class Cache(Protocol):
 
     def user_state(self, user_id: int) -> tuple[History, str, bool]: ...
 
-    def note_feedback(self, user_id: int, items: History) -> None: ...
+    def note_feedback(self, by_user: dict[int, History]) -> None: ...
 
     def ping(self) -> tuple[bool, str]: ...
 
@@ -163,14 +163,18 @@ class RedisCache:
                            for movie, value in items.items()}
         return recent, (current or b"").decode(), True
 
-    def note_feedback(self, user_id: int, items: History) -> None:
-        if not self._available():
+    def note_feedback(self, by_user: dict[int, History]) -> None:
+        """Each user's invalidation, all in one round trip (a pipeline of scripts)."""
+        if not by_user or not self._available():
             return
-        args: list[object] = [self.feedback_ttl]
-        for movie, value in items.items():
-            args += [movie, "" if value is None else value]  # "": seen, no interaction
         try:
-            self._feedback(keys=list(self._keys(user_id)), args=args)
+            with self.client.pipeline(transaction=False) as pipe:
+                for user_id, items in by_user.items():
+                    args: list[object] = [self.feedback_ttl]
+                    for movie, value in items.items():
+                        args += [movie, "" if value is None else value]  # "": seen only
+                    self._feedback(keys=list(self._keys(user_id)), args=args, client=pipe)
+                pipe.execute()
         except redis.RedisError as error:
             self._failed(error, "invalidation")
 
@@ -233,16 +237,17 @@ class MemoryCache:
             recent = dict(items) if expires >= time.monotonic() else {}
             return recent, str(self._epochs.get(user_id, "")), True
 
-    def note_feedback(self, user_id: int, items: History) -> None:
+    def note_feedback(self, by_user: dict[int, History]) -> None:
         with self._lock:
-            for key in self._by_user.pop(user_id, set()):
-                self._entries.pop(key, None)
-            _, known = self._feedback.get(user_id, (0.0, {}))
-            merged = dict(known)
-            for movie, value in items.items():
-                merge(merged, movie, value)
-            self._feedback[user_id] = (time.monotonic() + self.feedback_ttl, merged)
-            self._epochs[user_id] = self._epochs.get(user_id, 0) + 1
+            for user_id, items in by_user.items():
+                for key in self._by_user.pop(user_id, set()):
+                    self._entries.pop(key, None)
+                _, known = self._feedback.get(user_id, (0.0, {}))
+                merged = dict(known)
+                for movie, value in items.items():
+                    merge(merged, movie, value)
+                self._feedback[user_id] = (time.monotonic() + self.feedback_ttl, merged)
+                self._epochs[user_id] = self._epochs.get(user_id, 0) + 1
 
     def ping(self) -> tuple[bool, str]:
         return True, "in-process cache (no REDIS_URL)"

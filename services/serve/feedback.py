@@ -5,12 +5,22 @@ on a channel in confirm mode (the Celery app sets `confirm_publish`), so it retu
 once RabbitMQ has taken responsibility for it; only then does POST /feedback answer 202.
 The ingest worker retries while Postgres is down, the message waiting on the queue.
 Embedded (no broker), the task runs in this process.
+
+Feedback is group-committed: a thread per process publishes, and every request that
+arrives while it waits for a confirm joins the next message. Each request still
+answers only after the confirm of the message holding its events (and after its users'
+cached lists are dropped), but concurrent requests share one publish, one confirm, one
+cache round trip and, downstream, one ingest task and one database commit.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import queue
+import threading
 import uuid
+from concurrent.futures import Future
 from typing import Any
 
 import amqp.exceptions
@@ -24,6 +34,8 @@ from services.serve.schemas import FeedbackIn
 from shared.celery_app import app, run_task
 from shared.errors import RecsysError
 
+log = logging.getLogger(__name__)
+
 # Whatever says "not durably handed over": broker refused, nacked, timed out, or (embedded)
 # the database failed.
 HANDOVER_ERRORS: tuple[type[BaseException], ...] = (
@@ -33,6 +45,14 @@ HANDOVER_ERRORS: tuple[type[BaseException], ...] = (
 RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.4,
                 "interval_max": 1.0}
 CONFIRM_TIMEOUT = 5.0
+# A request waits this long for its message's confirm; the publish itself is bounded by
+# the retry policy and CONFIRM_TIMEOUT, so this only guards against a stuck publisher.
+ACCEPT_TIMEOUT = 60.0
+MAX_EVENTS_PER_MESSAGE = 2000
+# Publisher threads per process. One: measured under load here (2 cores shared with the
+# broker, Redis, Postgres and the ingest worker), a second thread only split the batches
+# in two and added contention for the interpreter, serving 15-25% fewer requests.
+PUBLISHERS = 1
 
 
 class FeedbackUnavailable(RecsysError):
@@ -60,22 +80,107 @@ def task_payload(event: FeedbackIn, now: dt.datetime) -> dict[str, Any]:
             "timestamp": (event.timestamp or now).isoformat(), "request_id": event.request_id}
 
 
-def accept_feedback(events: list[FeedbackIn], cache: Cache, implicit_rating: float
-                    ) -> list[str]:
-    """Queue the events durably, then drop their users' cached lists; their event ids."""
+def cache_updates(payload: list[dict[str, Any]], implicit_rating: float
+                  ) -> dict[int, History]:
+    """What each user's cached state learns from these events, later events winning."""
+    by_user: dict[int, History] = {}
+    for event in payload:
+        merge(by_user.setdefault(event["user_id"], {}), event["movie_id"],
+              event_value(event["type"], event["value"], implicit_rating))
+    return by_user
+
+
+class FeedbackPublisher:
+    """Group commit of feedback: requests queue their events; a publisher thread takes all
+    that wait, publishes them as one confirmed `ingest.feedback` message, drops the users'
+    cached lists, then releases those requests (or fails them with FeedbackUnavailable)."""
+
+    def __init__(self, cache: Cache, implicit_rating: float,
+                 max_events: int = MAX_EVENTS_PER_MESSAGE, publishers: int = PUBLISHERS
+                 ) -> None:
+        self.cache = cache
+        self.implicit_rating = implicit_rating
+        self.max_events = max_events
+        self.publishers = publishers
+        self._queue: queue.SimpleQueue[tuple[list[dict[str, Any]], Future[None]] | None] = (
+            queue.SimpleQueue())
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if not self._threads and not app.conf.task_always_eager:
+                self._threads = [threading.Thread(target=self._run, name=f"serve-feedback-{i}",
+                                                  daemon=True) for i in range(self.publishers)]
+                for thread in self._threads:
+                    thread.start()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Publish what is queued, then stop the threads."""
+        with self._lock:
+            threads, self._threads = self._threads, []
+        for _ in threads:
+            self._queue.put(None)
+        for thread in threads:
+            thread.join(timeout)
+
+    def submit(self, payload: list[dict[str, Any]]) -> None:
+        """Return once the events are durably queued for ingest; FeedbackUnavailable when
+        the broker did not confirm them."""
+        if not self._threads:  # embedded, or not started: this thread does the work
+            self._commit(payload)
+            return
+        done: Future[None] = Future()
+        self._queue.put((payload, done))
+        try:
+            done.result(ACCEPT_TIMEOUT)
+        except TimeoutError:
+            raise FeedbackUnavailable(f"feedback not confirmed within {ACCEPT_TIMEOUT:.0f} s; "
+                                      "retry") from None
+
+    def _commit(self, payload: list[dict[str, Any]]) -> None:
+        try:
+            send_to_ingest("ingest.feedback", "events", payload)
+        except HANDOVER_ERRORS as error:
+            raise FeedbackUnavailable(f"feedback not accepted, the broker did not confirm it "
+                                      f"({error}); nothing was stored, retry") from None
+        self.cache.note_feedback(cache_updates(payload, self.implicit_rating))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            events = len(item[0])
+            while events < self.max_events:  # everything that queued meanwhile joins
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(item)
+                events += len(item[0])
+            try:
+                self._commit([event for payload, _ in batch for event in payload])
+            except Exception as error:  # every waiter learns it; the thread carries on
+                if not isinstance(error, FeedbackUnavailable):
+                    log.exception("feedback publish failed")
+                    error = FeedbackUnavailable(f"feedback not accepted ({error}); retry")
+                for _, done in batch:
+                    done.set_exception(error)
+            else:
+                for _, done in batch:
+                    done.set_result(None)
+
+
+def accept_feedback(events: list[FeedbackIn], publisher: FeedbackPublisher) -> list[str]:
+    """Queue the events durably (their users' cached lists dropped); their event ids."""
     now = dt.datetime.now(dt.UTC)
     payload = [task_payload(e, now) for e in events]
-    try:
-        send_to_ingest("ingest.feedback", "events", payload)
-    except HANDOVER_ERRORS as error:
-        raise FeedbackUnavailable(f"feedback not accepted, the broker did not confirm it "
-                                  f"({error}); nothing was stored, retry") from None
+    publisher.submit(payload)
     for event in events:
         FEEDBACK.labels(event.type).inc()
-    by_user: dict[int, History] = {}
-    for event in events:
-        merge(by_user.setdefault(event.user_id, {}), event.movie_id,
-              event_value(event.type, event.value, implicit_rating))
-    for user_id, items in by_user.items():
-        cache.note_feedback(user_id, items)
     return [p["event_id"] for p in payload]

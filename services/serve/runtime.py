@@ -11,7 +11,7 @@ from threadpoolctl import threadpool_limits
 
 from services.serve.cache import Cache, make_cache
 from services.serve.events import PromotionListener, RegistryPoller, subscribe_in_process
-from services.serve.feedback import send_to_ingest
+from services.serve.feedback import FeedbackPublisher, send_to_ingest
 from services.serve.history import HistoryReader, serve_engine
 from services.serve.impressions import ImpressionLogger
 from services.serve.models import ModelStore
@@ -40,6 +40,7 @@ class ServeRuntime:
         self.impressions = ImpressionLogger(
             lambda lists: send_to_ingest("ingest.impressions", "lists", lists),
             settings.impression_flush_seconds, settings.impression_batch)
+        self.feedback = FeedbackPublisher(self.cache, settings.feedback_implicit_rating)
         self.service = RecommendationService(self.store, self.cache, self.history,
                                              self.impressions, settings.cache_prefix)
         self.listener: PromotionListener | None = None
@@ -62,6 +63,7 @@ class ServeRuntime:
         self.running = True
         self.refresh()
         self.impressions.start()
+        self.feedback.start()
         if not self.pinned:
             if self.settings.broker_url:
                 self.listener = PromotionListener(self.settings.broker_url,
@@ -78,6 +80,7 @@ class ServeRuntime:
         if self.listener is not None:
             self.listener.close()
         self.poller.close()
+        self.feedback.close()
         self.impressions.close()
         self.cache.close()
         if self.engine.dialect.name == "postgresql":
