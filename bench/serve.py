@@ -16,9 +16,12 @@ In one run, against one Postgres server, one RabbitMQ and one Redis (loopback on
    miss-60k  the same after a synthetic 60,000-item x 64-factor model (ml-100k's users,
              train rows and weighting; random factors; movies rows for the new ids) is
              registered and promoted: serve hot-swaps to it (restarted if it does not);
-   feedback  POST /feedback, one unique click per request, with a real
-             `recsys worker ingest` storing them; afterwards the benchmark waits for the
-             worker to drain and counts this run's rows (by request_id) in `feedback`.
+   feedback  POST /feedback with a real `recsys worker ingest` storing the events, twice:
+             one unique click per request, then batches of --feedback-batch clicks per
+             request (the endpoint takes a JSON array); after each load the benchmark
+             waits for the worker to drain and counts that load's rows (by request_id)
+             in `feedback`. The JSON's feedback_events_per_s is the batched figure (the
+             single-event one is printed, and is feedback_single_events_per_s).
 4. impression cost: serve has no switch to turn impression logging off, so the cost is
    measured in this process: CPU seconds of `ImpressionLogger.log` plus its `flush`
    (shipping batches to the real broker) per list, over the CPU seconds serve's processes
@@ -140,17 +143,25 @@ function request()
 end
 """
 
+# BATCH events per request: one JSON object when 1, else an array; `accepted` counts events.
 LUA_FEEDBACK = r"""
 local headers = {["Content-Type"] = "application/json", ["X-API-Key"] = "APIKEY"}
+local function event(c)
+  return string.format('{"user_id":%d,"movie_id":%d,"type":"click","request_id":"TAG-%d"}',
+                       1 + c % NUSERS, 1 + c % NMOVIES, c)
+end
 function request()
-  local c = next_count()
-  local body = string.format(
-    '{"user_id":%d,"movie_id":%d,"type":"click","request_id":"TAG-%d"}',
-    1 + c % NUSERS, 1 + c % NMOVIES, c)
+  local c = next_count() * BATCH
+  local body = event(c)
+  if BATCH > 1 then
+    local events = {}
+    for i = 0, BATCH - 1 do events[#events + 1] = event(c + i) end
+    body = "[" .. table.concat(events, ",") .. "]"
+  end
   return wrk.format("POST", "/feedback", headers, body)
 end
 function response(status, headers, body)
-  if status == 202 then accepted = accepted + 1 end
+  if status == 202 then accepted = accepted + BATCH end
 end
 """
 
@@ -171,6 +182,11 @@ class Load:
     @property
     def rps(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def events_per_s(self) -> float:
+        """Accepted events per second (feedback loads count events in `accepted`)."""
+        return self.accepted / self.seconds if self.seconds else 0.0
 
     def line(self) -> str:
         bad = {k: v for k, v in self.errors.items() if v}
@@ -554,6 +570,46 @@ def stored_feedback(database: URL, tag: str) -> int:
         conn.close()
 
 
+def feedback_load(wrk: str, url: str, scripts: Path, common: dict[str, Any], database: URL,
+                  tag: str, batch: int, users: int, movies: int, worker: Child,
+                  drain_timeout: float) -> tuple[Load, int]:
+    """POST /feedback under wrk, `batch` events per request, then wait until the ingest
+    worker has stored them; (the load, accepted events not found in Postgres)."""
+    load = run_wrk(wrk, f"POST /feedback, {batch} event(s) per request", url, lua_script(
+        scripts, f"feedback{batch}", LUA_FEEDBACK, common["threads"], APIKEY=API_KEY, TAG=tag,
+        NUSERS=users, NMOVIES=movies, BATCH=batch), **common)
+    load_end = time.perf_counter()
+    print(load.line() + f"; 202 Accepted: {load.accepted:,} events "
+          f"({load.events_per_s:,.0f} events/s)")
+    last, stalled = -1, time.monotonic()
+    deadline = time.monotonic() + drain_timeout
+    stored = 0
+    # Requests still in flight when wrk stopped were accepted too, uncounted by wrk (up to
+    # one per connection): wait until the count also stops moving.
+    drained_at = load_end
+    while time.monotonic() < deadline:
+        stored = stored_feedback(database, tag)
+        if stored != last:
+            last, stalled = stored, time.monotonic()
+            drained_at = time.perf_counter()
+        quiet = time.monotonic() - stalled
+        if stored >= load.accepted and quiet > 2.0:
+            break
+        if quiet > 60:
+            break  # no progress for a minute: count what is there
+        if not worker.alive():
+            print(f"warning: the ingest worker exited:\n{worker.tail()}")
+            break
+        time.sleep(0.25)
+    drained = drained_at - load_end
+    lost = max(0, load.accepted - stored)
+    end_to_end = stored / (load.seconds + drained) if stored else 0.0
+    print(f"  stored: {stored:,} ({max(0, stored - load.accepted)} in flight when wrk "
+          f"stopped) of {load.accepted:,} accepted, the last {drained:.1f} s after the load "
+          f"ended ({end_to_end:,.0f} events/s accepted to stored); lost {lost}")
+    return load, lost
+
+
 # ---- impressions ----------------------------------------------------------------------------
 
 
@@ -640,16 +696,17 @@ def delete_prefix(redis_url: str, prefix: str) -> int:
     return deleted
 
 
-def summarise(bare: Load, hit: Load, miss100: Load, miss60: Load, feedback: Load,
-              impression_cost: float, lost: int) -> dict[str, Any]:
+def summarise(bare: Load, hit: Load, miss100: Load, miss60: Load, single: Load,
+              batched: Load, batch: int, impression_cost: float, lost: int) -> dict[str, Any]:
     return {"hit_rps": round(hit.rps, 1), "bare_rps": round(bare.rps, 1),
             "hit_ratio": round(hit.rps / bare.rps, 3) if bare.rps else 0.0,
             "miss_p99_ms_100k": round(miss100.p99_ms, 2),
             "miss_p99_ms_60k_items": round(miss60.p99_ms, 2),
             "impression_cost": round(impression_cost, 4),
-            "feedback_events_per_s": round(feedback.accepted / feedback.seconds, 1)
-            if feedback.seconds else 0.0,
-            "feedback_lost": lost}
+            "feedback_events_per_s": round(batched.events_per_s, 1),
+            "feedback_lost": lost,
+            "feedback_single_events_per_s": round(single.events_per_s, 1),
+            "feedback_batch": batch}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -677,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL,
                         help="Redis for serve's cache and the bare app (keys under a fresh "
                              "prefix, deleted afterwards)")
+    parser.add_argument("--feedback-batch", type=int, default=10,
+                        help="events per POST /feedback in the batched load")
     parser.add_argument("--drain-timeout", type=float, default=300.0,
                         help="seconds to wait for the ingest worker to store the feedback")
     parser.add_argument("--wait-others", type=float, default=300.0,
@@ -852,45 +911,21 @@ def main(argv: list[str] | None = None) -> int:
             worker = start_ingest_worker(child_env, folder, args.ingest_concurrency,
                                          args.wait_others)
             children.append(worker)
-            feedback = run_wrk(wrk, "POST /feedback", serve_url, lua_script(
-                scripts, "feedback", LUA_FEEDBACK, args.threads, APIKEY=API_KEY, TAG=tag,
-                NUSERS=len(built.users), NMOVIES=built.movies), **common)
-            load_end = time.perf_counter()
-            print(feedback.line() + f"; 202 Accepted: {feedback.accepted:,} "
-                  f"({feedback.accepted / feedback.seconds:,.0f} events/s)")
-            last, stalled = -1, time.monotonic()
-            deadline = time.monotonic() + args.drain_timeout
-            stored = 0
-            # Requests still in flight when wrk stopped were accepted too, uncounted by
-            # wrk (up to one per connection): wait until the count also stops moving.
-            drained_at = load_end
-            while time.monotonic() < deadline:
-                stored = stored_feedback(database, tag)
-                if stored != last:
-                    last, stalled = stored, time.monotonic()
-                    drained_at = time.perf_counter()
-                quiet = time.monotonic() - stalled
-                if stored >= feedback.accepted and quiet > 2.0:
-                    break
-                if quiet > 60:
-                    break  # no progress for a minute: count what is there
-                if not worker.alive():
-                    print(f"warning: the ingest worker exited:\n{worker.tail()}")
-                    break
-                time.sleep(0.25)
-            drained = drained_at - load_end
-            lost = max(0, feedback.accepted - stored)
-            end_to_end = stored / (feedback.seconds + drained) if stored else 0.0
-            print(f"feedback stored: {stored:,} ({max(0, stored - feedback.accepted)} in flight "
-                  f"when wrk stopped) of {feedback.accepted:,} accepted, last one "
-                  f"{drained:.1f} s after the load ended ({end_to_end:,.0f} events/s accepted "
-                  f"to stored); lost {lost}")
-            rate = feedback.accepted / feedback.seconds if feedback.seconds else 0.0
+            loads, lost = [], 0
+            for batch in (1, args.feedback_batch):
+                load, missing = feedback_load(wrk, serve_url, scripts, common, database,
+                                              f"{tag}-b{batch}", batch, len(built.users),
+                                              built.movies, worker, args.drain_timeout)
+                loads.append(load)
+                lost += missing
+            single, batched = loads
             print(f"feedback target >= {TARGET_FEEDBACK_RATE:,.0f} events/s with none lost: "
-                  f"accepting {_verdict(rate >= TARGET_FEEDBACK_RATE and lost == 0)}, "
-                  f"stored end to end {_verdict(end_to_end >= TARGET_FEEDBACK_RATE and lost == 0)}")
-            figures = summarise(bare_load, hit_load, miss100, miss60, feedback,
-                                impression_cost, lost)
+                  f"{_verdict(batched.events_per_s >= TARGET_FEEDBACK_RATE and lost == 0)} "
+                  f"in batches of {args.feedback_batch} ({batched.events_per_s:,.0f} events/s), "
+                  f"{_verdict(single.events_per_s >= TARGET_FEEDBACK_RATE and lost == 0)} one "
+                  f"event per request ({single.events_per_s:,.0f} events/s)")
+            figures = summarise(bare_load, hit_load, miss100, miss60, single, batched,
+                                args.feedback_batch, impression_cost, lost)
             for child in reversed(children):
                 child.stop()
             children.clear()
