@@ -6,10 +6,12 @@ In one run, against one Postgres server, one RabbitMQ and one Redis (loopback on
    ingested, snapshotted, ALS (64 factors, a few iterations) fitted, registered and
    promoted, as tests/serve/conftest.py builds its registry;
 2. `recsys serve --workers W` (a subprocess) and `uvicorn bench.bare_app:app --workers W`
-   (one Redis GET of a stored real response, returned), both on 127.0.0.1;
+   (one Redis GET of a stored real response, returned, both ways FastAPI code reads
+   Redis), both on 127.0.0.1;
 3. wrk (a separate process, `-t2 -c16 -d10s` by default, a Lua script reporting the
    p50/p99 from wrk's own latency histogram) drives, in turn:
-   bare      GET /bare/{user} over 16 users;
+   bare      GET /bare/{user} and GET /bare-async/{user} over 16 users (a sync route
+             with redis-py, an async one with redis.asyncio); the faster is the floor;
    hits      GET /recommendations/{user}?k=10 over the same 16 users, pre-warmed;
    miss-100k GET /recommendations/{user}?k=..&offset=.. where every (user, k, offset) is
              new, so every request misses (history read, scoring, ranking, cache store);
@@ -821,17 +823,23 @@ def main(argv: list[str] | None = None) -> int:
             scripts.mkdir()
             common = {"threads": args.threads, "connections": args.connections,
                       "duration": args.duration}
-            warm = lua_script(scripts, "warm", LUA_CYCLE, args.threads, USERS=users_lua,
-                              PREFIX='"/bare/"')
-            run_wrk(wrk, "warm-up bare", bare_url, warm, **{**common, "duration": 1})
+            for route in ("bare", "bare-async"):
+                warm = lua_script(scripts, f"warm-{route}", LUA_CYCLE, args.threads,
+                                  USERS=users_lua, PREFIX=f'"/{route}/"')
+                run_wrk(wrk, f"warm-up {route}", bare_url, warm, **{**common, "duration": 1})
             warm = lua_script(scripts, "warm-hit", LUA_CYCLE, args.threads, USERS=users_lua,
                               PREFIX='"/recommendations/"')
             run_wrk(wrk, "warm-up hits", serve_url, warm, **{**common, "duration": 1})
 
-            bare_load = run_wrk(wrk, "bare (one Redis GET)", bare_url, lua_script(
-                scripts, "bare", LUA_CYCLE, args.threads, USERS=users_lua,
-                PREFIX='"/bare/"'), **common)
-            print(bare_load.line())
+            bare_loads = []
+            for route, how in (("bare", "sync route, redis-py"),
+                               ("bare-async", "async route, redis.asyncio")):
+                bare_loads.append(run_wrk(wrk, f"bare (one Redis GET; {how})", bare_url,
+                                          lua_script(scripts, route, LUA_CYCLE, args.threads,
+                                                     USERS=users_lua, PREFIX=f'"/{route}/"'),
+                                          **common))
+                print(bare_loads[-1].line())
+            bare_load = max(bare_loads, key=lambda load: load.rps)  # the faster is the floor
             cpu = session_cpu_seconds(serve.process.pid)
             hit_load = run_wrk(wrk, "cache hits", serve_url, lua_script(
                 scripts, "hit", LUA_CYCLE, args.threads, USERS=users_lua,

@@ -11,6 +11,7 @@ computed without it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
@@ -19,11 +20,13 @@ from collections import OrderedDict
 from typing import Protocol
 
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from services.serve.history import History, merge
-from services.serve.metrics import CACHE
+from services.serve.metrics import CACHE, child
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,10 @@ class Cache(Protocol):
 
     def get(self, key: str) -> bytes | None: ...
 
+    async def aget(self, key: str) -> bytes | None:
+        """`get` for the event loop: never blocks it."""
+        ...
+
     def put(self, key: str, value: bytes, user_id: int | None = None, epoch: str = "") -> None:
         ...
 
@@ -76,6 +83,8 @@ class Cache(Protocol):
 
     def close(self) -> None: ...
 
+    async def aclose(self) -> None: ...
+
 
 def list_key(prefix: str, user_id: int, field: str) -> str:
     """Key of one cached list; `{user}` keeps a user's keys in one Redis Cluster slot."""
@@ -83,7 +92,10 @@ def list_key(prefix: str, user_id: int, field: str) -> str:
 
 
 class RedisCache:
-    """Redis with short socket timeouts and a breaker; failures count as cache errors."""
+    """Redis with short socket timeouts and a breaker; failures count as cache errors.
+
+    Blocking calls (threads) use one client; reads on the event loop use an asyncio
+    client made in that loop (its connections belong to the loop that opened them)."""
 
     def __init__(self, settings: Settings) -> None:
         self.prefix = settings.cache_prefix
@@ -91,10 +103,12 @@ class RedisCache:
         self.jitter = settings.cache_ttl_jitter
         self.feedback_ttl = settings.recent_feedback_ttl
         self.retry_seconds = settings.cache_retry_seconds
+        self.url = settings.redis_url
+        self.timeout = settings.cache_socket_timeout
         self.client = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=settings.cache_socket_timeout,
-            socket_connect_timeout=settings.cache_socket_timeout,
+            self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
             retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        self._async: tuple[asyncio.AbstractEventLoop, redis.asyncio.Redis] | None = None
         self._store = self.client.register_script(_STORE)
         self._feedback = self.client.register_script(_FEEDBACK)
         self._down_until = 0.0
@@ -130,8 +144,30 @@ class RedisCache:
         except redis.RedisError as error:
             self._failed(error, "GET")
             return None
-        CACHE.labels("hit" if value is not None else "miss").inc()
+        child(CACHE, "hit" if value is not None else "miss").inc()
         return value  # type: ignore[return-value]
+
+    def _async_client(self) -> redis.asyncio.Redis:
+        loop = asyncio.get_running_loop()
+        if self._async is None or self._async[0] is not loop:
+            self._async = (loop, redis.asyncio.Redis.from_url(
+                self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
+                retry=AsyncRetry(NoBackoff(), 0), health_check_interval=0))
+        return self._async[1]
+
+    async def aget(self, key: str) -> bytes | None:
+        if not self.ttl:
+            return None
+        if not self._available():
+            CACHE.labels("error").inc()
+            return None
+        try:
+            value = await self._async_client().get(key)
+        except (redis.RedisError, OSError) as error:
+            self._failed(error, "GET")
+            return None
+        child(CACHE, "hit" if value is not None else "miss").inc()
+        return value  # type: ignore[no-any-return]
 
     def put(self, key: str, value: bytes, user_id: int | None = None, epoch: str = "") -> None:
         if not self.ttl or not self._available():
@@ -189,6 +225,11 @@ class RedisCache:
     def close(self) -> None:
         self.client.close()
 
+    async def aclose(self) -> None:
+        if self._async is not None and self._async[0] is asyncio.get_running_loop():
+            await self._async[1].aclose()
+        self._async = None
+
 
 class MemoryCache:
     """Embedded mode: the same behaviour in this process, bounded by entry count."""
@@ -213,8 +254,11 @@ class MemoryCache:
             if found is not None and found[0] < time.monotonic():
                 del self._entries[key]
                 found = None
-        CACHE.labels("hit" if found else "miss").inc()
+        child(CACHE, "hit" if found else "miss").inc()
         return found[1] if found else None
+
+    async def aget(self, key: str) -> bytes | None:
+        return self.get(key)  # a dictionary look-up under a lock: never blocks for long
 
     def put(self, key: str, value: bytes, user_id: int | None = None, epoch: str = "") -> None:
         if not self.ttl:
@@ -255,6 +299,9 @@ class MemoryCache:
     def close(self) -> None:
         with self._lock:
             self._entries.clear()
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 def make_cache(settings: Settings) -> Cache:

@@ -1,10 +1,11 @@
 """Recommendation lists, similar items and the popular list, cached and logged.
 
-A cache hit costs one cache GET and a string join: the cached value is the response
-body without its request id, behind one header line (items, source) for the impression
-log. A miss reads the user's history, scores every item once (one matrix-vector product,
-or a fold-in solve for a user the model has not seen), masks seen, excluded and
-off-genre items, and takes the top by argpartition.
+A cache hit costs one cache GET (awaited on the event loop) and a string join: the cached
+value is the response body without its request id, behind one header line (items,
+source) for the impression log. A miss (in the threadpool) reads the user's history,
+scores every item once (one matrix-vector product, or a fold-in solve for a user the
+model has not seen), masks seen, excluded and off-genre items, and takes the top by
+argpartition.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from services.serve.cache import Cache, list_key
 from services.serve.history import History, HistoryReader, merge
 from services.serve.impressions import ImpressionLogger
-from services.serve.metrics import SERVED
+from services.serve.metrics import SERVED, child
 from services.serve.models import LoadedModel, ModelStore, ServingState
 
 
@@ -48,6 +49,17 @@ class ListRequest:
         if len(params) > 120:  # long exclude lists: a digest keeps keys short
             params = hashlib.sha1(params.encode()).hexdigest()
         return f"v{model.version}:{variant}:k{self.k}:o{self.offset}:{params}"
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A list being answered: what `begin` decided, for `hit` or `miss` to finish."""
+
+    request: ListRequest
+    model: LoadedModel
+    variant: str
+    key: str
+    request_id: str
 
 
 def rank(scores: np.ndarray, banned: np.ndarray, mask: np.ndarray | None, n: int
@@ -99,23 +111,28 @@ class RecommendationService:
             raise NoModel(self.store.last_error or "no model is loaded yet")
         return state
 
-    def for_user(self, request: ListRequest) -> tuple[bytes, str]:
-        """(response body, request id) of a user's list; UnknownGenre names a bad genre."""
+    def begin(self, request: ListRequest) -> Pending:
+        """The model, variant, cache key and request id of a list (no I/O); NoModel when
+        nothing is loaded, UnknownGenre naming a bad genre."""
         chosen = self._state().choose(request.user_id)
         if chosen is None:
             raise NoModel(self.store.last_error or "no model is loaded yet")
         variant, model = chosen
         key = list_key(self.prefix, request.user_id, request.cache_field(model, variant))
-        request_id = uuid.uuid4().hex
-        cached = self.cache.get(key)
-        if cached is not None:
-            head, _, body_open = cached.partition(b"\n")
-            items, _, source = head.partition(b"|")
-            SERVED.labels(source.decode(), variant).inc()
-            self.impressions.log(request_id, request.user_id, items, model.version, variant,
-                                 source.decode())
-            return with_request_id(body_open, request_id), request_id
+        return Pending(request, model, variant, key, uuid.uuid4().hex)
 
+    def hit(self, pending: Pending, cached: bytes) -> bytes:
+        """The response body from a cached entry (logged as an impression)."""
+        head, _, body_open = cached.partition(b"\n")
+        items, _, source = head.partition(b"|")
+        child(SERVED, source.decode(), pending.variant).inc()
+        self.impressions.log(pending.request_id, pending.request.user_id, items,
+                             pending.model.version, pending.variant, source.decode())
+        return with_request_id(body_open, pending.request_id)
+
+    def miss(self, pending: Pending) -> bytes:
+        """Compute the list (blocking: history read, scoring), store it, return the body."""
+        request, model, variant = pending.request, pending.model, pending.variant
         recent, epoch, cache_ok = self.cache.user_state(request.user_id)
         history, database_ok = self.history.interactions(request.user_id)
         for movie, value in recent.items():
@@ -127,12 +144,20 @@ class RecommendationService:
                                           model.version, variant.encode(), source.encode()))
         id_list = ",".join(map(str, ids.tolist())).encode()
         if database_ok and cache_ok:  # a list missing part of the history is not kept
-            self.cache.put(key, id_list + b"|" + source.encode() + b"\n" + body_open,
+            self.cache.put(pending.key, id_list + b"|" + source.encode() + b"\n" + body_open,
                            request.user_id, epoch)
-        SERVED.labels(source, variant).inc()
-        self.impressions.log(request_id, request.user_id, id_list, model.version, variant,
-                             source)
-        return with_request_id(body_open, request_id), request_id
+        child(SERVED, source, variant).inc()
+        self.impressions.log(pending.request_id, request.user_id, id_list, model.version,
+                             variant, source)
+        return with_request_id(body_open, pending.request_id)
+
+    def for_user(self, request: ListRequest) -> tuple[bytes, str]:
+        """(response body, request id) of a user's list, all blocking; the route uses the
+        parts so that a cache hit never leaves the event loop."""
+        pending = self.begin(request)
+        cached = self.cache.get(pending.key)
+        body = self.hit(pending, cached) if cached is not None else self.miss(pending)
+        return body, pending.request_id
 
     def _compute(self, model: LoadedModel, request: ListRequest, extra: History
                  ) -> tuple[np.ndarray, np.ndarray, str]:
