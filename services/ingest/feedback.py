@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -35,11 +35,18 @@ class FeedbackEvent(BaseModel):
 class ImpressionList(BaseModel):
     request_id: str = Field(min_length=1, max_length=64)
     user_id: int
-    items: list[int]
+    items: list[int]  # or the comma-separated ids, as serve sends them
     model_version: int | None = None
     variant: str = "champion"
     source: str = "model"
-    served_at: dt.datetime
+    served_at: dt.datetime  # ISO 8601, or a Unix timestamp
+
+    @field_validator("items", mode="before")
+    @classmethod
+    def _split_ids(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [int(i) for i in value.split(",") if i.strip()]
+        return value
 
 
 def _insert_ignoring_repeats(engine: Engine, table: Any, rows: list[dict[str, Any]]) -> int:

@@ -7,6 +7,7 @@ one worker) aggregates them all. Without it, each process reports only its own.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
@@ -43,6 +44,13 @@ MODEL_VERSION = Gauge("recsys_serve_model_version", "Model version in use per va
 MODEL_LOADS = Counter("recsys_serve_model_loads_total", "Model loads by outcome.", ["outcome"])
 DEGRADED = Counter("recsys_serve_degraded_total", "Answers computed without a dependency.",
                    ["dependency"])
+
+
+@functools.lru_cache(maxsize=4096)
+def child(metric: Any, *labels: str) -> Any:
+    """The labelled child of a metric, looked up once: `labels()` takes a lock and checks
+    the values on every call, which the per-request paths need not pay."""
+    return metric.labels(*labels)
 
 
 def render(extra: Collector | None = None) -> tuple[bytes, str]:
@@ -86,5 +94,5 @@ class MetricsMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
-            REQUESTS.labels(template, method, str(status)).inc()
-            LATENCY.labels(template, method).observe(time.perf_counter() - started)
+            child(REQUESTS, template, method, str(status)).inc()
+            child(LATENCY, template, method).observe(time.perf_counter() - started)

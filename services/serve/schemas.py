@@ -24,6 +24,21 @@ Alias = Literal["champion", "challenger"]
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 
 
+IDS_PATTERN = r"^ *[0-9]{1,10}( *, *[0-9]{1,10}){0,999} *$"
+
+
+class ListQuery(BaseModel):
+    """The query of GET /recommendations/{user_id}: one model, validated in one pass (as
+    four separate parameters, FastAPI's per-request work was a tenth of a cache hit)."""
+
+    k: int = Field(10, ge=1, le=MAX_K, description="How many items.")
+    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="Items to skip (paging).")
+    exclude: str | None = Field(None, pattern=IDS_PATTERN,
+                                description="Comma-separated movie ids never to return.")
+    genres: str | None = Field(None, max_length=400, description="Comma-separated genres; "
+                               "items of any of them are kept.")
+
+
 class Item(BaseModel):
     movie_id: int = Field(description="MovieLens movie id.")
     title: str

@@ -48,8 +48,8 @@ class BodySizeLimit:
         self.limit = limit
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)  # no body is read on these routes
             return
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")

@@ -53,7 +53,7 @@ def test_a_full_batch_ships_at_once_and_the_rest_waits_for_the_timer() -> None:
         logger.close()
     sent = [item for batch in sender.batches for item in batch]
     assert [item["request_id"] for item in sent] == [f"r{i}" for i in range(250)]
-    assert sent[0] == {"request_id": "r0", "user_id": 0, "items": [1, 2, 3],
+    assert sent[0] == {"request_id": "r0", "user_id": 0, "items": "1,2,3",
                        "model_version": 7, "variant": "champion", "source": "model",
                        "served_at": sent[0]["served_at"]}
 
