@@ -30,6 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from services.serve import admin
 from services.serve.feedback import FeedbackUnavailable, accept_feedback
+from services.serve.hotpath import PlainListPath
 from services.serve.metrics import MetricsMiddleware, render
 from services.serve.models import UnknownGenre
 from services.serve.online import OnlineCollector, latest_windows
@@ -44,6 +45,7 @@ from services.serve.schemas import (
     FeedbackAccepted,
     FeedbackIn,
     Health,
+    ListQuery,
     ModelInfo,
     ModelList,
     OnlineMetrics,
@@ -62,7 +64,6 @@ from shared.celery_app import configure_app
 from shared.settings import Settings, get_settings
 
 ADMIN_TIMEOUT = 30.0  # seconds an alias move waits for the registry worker
-IDS_PATTERN = r"^ *[0-9]{1,10}( *, *[0-9]{1,10}){0,999} *$"
 JSON = "application/json"
 NO_MODEL = {503: {"model": Problem, "description": "No model is loaded yet."}}
 GUARDED = {401: {"model": Problem, "description": "Missing or wrong X-API-Key."},
@@ -98,24 +99,31 @@ def invalid(where: str, message: str) -> RequestValidationError:
                                     "type": "value_error"}])
 
 
-@router.get("/recommendations/{user_id}", response_model=RecommendationList,
+LIST_ROUTE = "/recommendations/{user_id}"
+
+
+@router.get(LIST_ROUTE, response_model=RecommendationList,
             responses=NO_MODEL, tags=["recommendations"])
-def recommendations(
-    request: Request, user_id: Annotated[int, Path(ge=1, le=MAX_ID)], k: K = 10,
-    offset: Offset = 0,
-    exclude: Annotated[str | None, Query(pattern=IDS_PATTERN, description="Comma-separated "
-                                         "movie ids never to return.")] = None,
-    genres: Genres = None,
-) -> Response:
-    """A user's top-k, never an item they rated or reacted to; `offset` pages on."""
-    ask = ListRequest(user_id, k, offset,
-                      tuple(int(i) for i in (exclude or "").split(",") if i.strip()),
-                      split_genres(genres))
+async def recommendations(request: Request, user_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+                          query: Annotated[ListQuery, Query()]) -> Response:
+    """A user's top-k, never an item they rated or reacted to; `offset` pages on.
+
+    Plain requests (only `k` and `offset`) are answered the same way by
+    services/serve/hotpath.py before routing; this route takes every other one."""
+    ask = ListRequest(user_id, query.k, query.offset,
+                      tuple(int(i) for i in (query.exclude or "").split(",") if i.strip()),
+                      split_genres(query.genres))
+    service = runtime_of(request).service
     try:
-        body, request_id = runtime_of(request).service.for_user(ask)
+        pending = service.begin(ask)
     except UnknownGenre as error:
         raise invalid("genres", str(error)) from None
-    return Response(body, media_type=JSON, headers={"X-Request-ID": request_id})
+    # A hit stays on the event loop (an async cache read); a miss reads the history and
+    # scores in the threadpool.
+    cached = await service.cache.aget(pending.key)
+    body = (service.hit(pending, cached) if cached is not None
+            else await run_in_threadpool(service.miss, pending))
+    return Response(body, media_type=JSON, headers={"X-Request-ID": pending.request_id})
 
 
 @router.get("/items/{movie_id}/similar", response_model=SimilarItems,
@@ -264,6 +272,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await run_in_threadpool(runtime.stop)
+            await runtime.cache.aclose()
 
     app = FastAPI(title="recsys serve", version="1.0.0", lifespan=lifespan,
                   description="MovieLens recommendations from the registry's champion, with "
@@ -275,6 +284,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                           (admin.AdminError, 409), (admin.Unavailable, 503),
                           (FeedbackUnavailable, 503)):
         app.add_exception_handler(error, _problem(status))
+    # Innermost of the middleware, so CORS headers, the body limit and the metrics apply
+    # to what it answers as to everything else.
+    app.add_middleware(PlainListPath, runtime=runtime, route=next(
+        route for route in router.routes if getattr(route, "path", "") == LIST_ROUTE))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"],
