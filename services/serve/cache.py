@@ -133,19 +133,29 @@ class RedisCache:
         spread = self.ttl * self.jitter
         return max(1, round(self.ttl + self._random.uniform(-spread, spread)))
 
-    def get(self, key: str) -> bytes | None:
+    def _bypassed(self) -> bool:
+        """Whether a read skips Redis: caching off, or Redis failed moments ago."""
         if not self.ttl:
-            return None
+            return True
         if not self._available():
             CACHE.labels("error").inc()
+            return True
+        return False
+
+    @staticmethod
+    def _counted(value: bytes | None) -> bytes | None:
+        child(CACHE, "hit" if value is not None else "miss").inc()
+        return value
+
+    def get(self, key: str) -> bytes | None:
+        if self._bypassed():
             return None
         try:
             value = self.client.get(key)
         except redis.RedisError as error:
             self._failed(error, "GET")
             return None
-        child(CACHE, "hit" if value is not None else "miss").inc()
-        return value  # type: ignore[return-value]
+        return self._counted(value)  # type: ignore[arg-type]
 
     def _async_client(self) -> redis.asyncio.Redis:
         loop = asyncio.get_running_loop()
@@ -156,18 +166,14 @@ class RedisCache:
         return self._async[1]
 
     async def aget(self, key: str) -> bytes | None:
-        if not self.ttl:
-            return None
-        if not self._available():
-            CACHE.labels("error").inc()
+        if self._bypassed():
             return None
         try:
             value = await self._async_client().get(key)
         except (redis.RedisError, OSError) as error:
             self._failed(error, "GET")
             return None
-        child(CACHE, "hit" if value is not None else "miss").inc()
-        return value  # type: ignore[no-any-return]
+        return self._counted(value)
 
     def put(self, key: str, value: bytes, user_id: int | None = None, epoch: str = "") -> None:
         if not self.ttl or not self._available():

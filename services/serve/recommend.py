@@ -151,14 +151,6 @@ class RecommendationService:
                              variant, source)
         return with_request_id(body_open, pending.request_id)
 
-    def for_user(self, request: ListRequest) -> tuple[bytes, str]:
-        """(response body, request id) of a user's list, all blocking; the route uses the
-        parts so that a cache hit never leaves the event loop."""
-        pending = self.begin(request)
-        cached = self.cache.get(pending.key)
-        body = self.hit(pending, cached) if cached is not None else self.miss(pending)
-        return body, pending.request_id
-
     def _compute(self, model: LoadedModel, request: ListRequest, extra: History
                  ) -> tuple[np.ndarray, np.ndarray, str]:
         user = model.users.position(request.user_id)
