@@ -19,13 +19,10 @@ import argparse
 import json
 import os
 import resource
-import secrets
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +31,9 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psycopg2
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL
 
+from bench.common import libpq_dsn, scratch_database
 from bench.datagen import DEFAULT_WORKDIR, ML25M_RATINGS, Dataset, ensure_dataset
 
 DEFAULT_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -62,30 +60,6 @@ class CopyRun:
 
     seconds: float
     rows: int
-
-
-def libpq_dsn(url: URL) -> str:
-    """A libpq connection string for psycopg2 from a SQLAlchemy URL."""
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-@contextmanager
-def scratch_database(admin_url: str) -> Iterator[URL]:
-    """A fresh database on the admin URL's server, dropped afterwards whatever happens."""
-    admin = make_url(admin_url)
-    name = f"recsys_bench_{os.getpid()}_{secrets.token_hex(3)}"
-    conn = psycopg2.connect(libpq_dsn(admin))
-    conn.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
-    try:
-        with conn.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield admin.set(database=name)
-        finally:
-            with conn.cursor() as cursor:
-                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        conn.close()
 
 
 def recsys_command() -> list[str]:

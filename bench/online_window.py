@@ -16,18 +16,16 @@ import io
 import json
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import psycopg2
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import common  # noqa: E402
 from services.eval.online import window_figures  # noqa: E402
 from shared.db.session import engine_for, migrate  # noqa: E402
 
@@ -44,22 +42,13 @@ GROUP BY i.model_version, i.variant
 @contextmanager
 def scratch_database(admin_url: str) -> Iterator[str]:
     """A fresh migrated database, dropped afterwards."""
-    url = make_url(admin_url)
-    name = f"recsys_bench_online_{uuid.uuid4().hex[:8]}"
-    admin = psycopg2.connect(host=url.host, port=url.port or 5432,
-                             user=url.username or "postgres", dbname=url.database or "postgres")
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    scratch = url.set(database=name).render_as_string(hide_password=False)
-    try:
-        migrate(scratch)
-        yield scratch
-    finally:
-        engine_for(scratch).dispose()
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with common.scratch_database(admin_url, "online") as database:
+        scratch = database.render_as_string(hide_password=False)
+        try:
+            migrate(scratch)
+            yield scratch
+        finally:
+            engine_for(scratch).dispose()
 
 
 def generate(url: str, impressions: int, feedback: int, seed: int) -> dt.datetime:

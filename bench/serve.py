@@ -62,8 +62,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +75,8 @@ import numpy as np
 import psycopg2
 from sqlalchemy.engine import URL, make_url
 
-from bench.ingest import DEFAULT_ADMIN_URL, libpq_dsn, migrate, recsys_command
+from bench.common import libpq_dsn, scratch_database, session_pids
+from bench.ingest import DEFAULT_ADMIN_URL, migrate, recsys_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ML100K = REPO_ROOT.parent / "shared" / "datasets" / "ml-100k"
@@ -253,22 +254,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def session_pids(sid: int) -> list[int]:
-    """Live processes of a session (servers run as session leaders, workers as children)."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{entry.name}/stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rfind(")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] not in {"Z", "X"}:
-            pids.append(int(entry.name))
-    return pids
-
-
 def session_cpu_seconds(sid: int) -> float:
     """user + system CPU seconds of every live process of a session."""
     total = 0
@@ -370,36 +355,6 @@ def wait_serving(base: str, version: int, child: Child, timeout: float = 120.0) 
 
 
 # ---- setup ----------------------------------------------------------------------------------
-
-
-def admin_execute(admin: URL, sql: str, attempts: int = 30) -> None:
-    """One statement on a fresh autocommit connection, retried while Postgres restarts."""
-    for attempt in range(attempts):
-        try:
-            conn = psycopg2.connect(libpq_dsn(admin), connect_timeout=10)
-        except psycopg2.OperationalError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(2.0)
-            continue
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cursor:
-                cursor.execute(sql)
-            return
-        finally:
-            conn.close()
-
-
-@contextmanager
-def scratch_database(admin_url: str) -> Iterator[URL]:
-    admin = make_url(admin_url)
-    name = f"recsys_bench_serve_{os.getpid()}_{secrets.token_hex(3)}"
-    admin_execute(admin, f'CREATE DATABASE "{name}"')
-    try:
-        yield admin.set(database=name)
-    finally:
-        admin_execute(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def configure_environment(env: dict[str, str]) -> None:
@@ -771,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"bench-{secrets.token_hex(4)}"
     children: list[Child] = []
     try:
-        with scratch_database(args.database_url) as database:
+        with scratch_database(args.database_url, "serve") as database:
             url = database.render_as_string(hide_password=False)
             print(f"scratch database {database.database} on {database.host}:{database.port}")
             env = {"DATABASE_URL": url, "BROKER_URL": args.broker_url,

@@ -29,7 +29,6 @@ import gc
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
@@ -37,8 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -51,10 +49,11 @@ import psycopg2
 import scipy.sparse as sp
 import sqlalchemy.exc
 from sqlalchemy import Engine, text
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL
 
+from bench.common import libpq_dsn, scratch_database, session_pids
 from bench.datagen import DEFAULT_WORKDIR, ML25M_RATINGS, Dataset, ensure_dataset
-from bench.ingest import COPY_SQL, DEFAULT_ADMIN_URL, libpq_dsn, migrate, recsys_command
+from bench.ingest import COPY_SQL, DEFAULT_ADMIN_URL, migrate, recsys_command
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -146,22 +145,6 @@ def own_peak_rss_mb() -> float:
     return (_status_kib("self", "VmHWM") or 0) / 1024
 
 
-def session_pids(sid: int) -> list[int]:
-    """Live processes of a session (the worker is a session leader; its pool children too)."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{entry.name}/stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rfind(")") + 2:].split()  # the command name may hold spaces
-        if int(fields[3]) == sid and fields[0] not in {"Z", "X"}:
-            pids.append(int(entry.name))
-    return pids
-
-
 class SessionRssPoller:
     """Polls VmHWM of every process in a session, keeping each pid's highest value."""
 
@@ -196,41 +179,6 @@ class SessionRssPoller:
 
 
 # ---- setup ----------------------------------------------------------------------------------
-
-
-def _admin_execute(admin: URL, sql: str, attempts: int = 30) -> None:
-    """One statement on a fresh autocommit admin connection, retried while the server is down.
-
-    Fresh, not held for the whole run: on this shared machine other jobs restart Postgres,
-    and a long-held connection would then leave the scratch database behind.
-    """
-    for attempt in range(attempts):
-        try:
-            conn = psycopg2.connect(libpq_dsn(admin), connect_timeout=10)
-        except psycopg2.OperationalError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(2.0)
-            continue
-        conn.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
-        try:
-            with conn.cursor() as cursor:
-                cursor.execute(sql)
-            return
-        finally:
-            conn.close()
-
-
-@contextmanager
-def scratch_database(admin_url: str) -> Iterator[URL]:
-    """A fresh database on the admin URL's server, dropped afterwards whatever happens."""
-    admin = make_url(admin_url)
-    name = f"recsys_bench_{os.getpid()}_{secrets.token_hex(3)}"
-    _admin_execute(admin, f'CREATE DATABASE "{name}"')
-    try:
-        yield admin.set(database=name)
-    finally:
-        _admin_execute(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def fill_database(dataset: Dataset, database: URL) -> tuple[int, float]:

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # `bench` is a folder of scripts, not an installed package
     sys.path.insert(0, str(ROOT))
 
+from bench.common import libpq_dsn  # noqa: E402
 from bench.datagen import (  # noqa: E402
     FIRST_TIMESTAMP,
     LAST_TIMESTAMP,
@@ -27,7 +28,7 @@ from bench.datagen import (  # noqa: E402
     format_ratings,
     generate,
 )
-from bench.ingest import DEFAULT_ADMIN_URL, libpq_dsn  # noqa: E402
+from bench.ingest import DEFAULT_ADMIN_URL  # noqa: E402
 
 ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", DEFAULT_ADMIN_URL)
 JSON_KEYS = {"rows", "ingest_rows_per_s", "copy_rows_per_s", "ratio", "peak_rss_mb"}

@@ -8,27 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psycopg2
-from sqlalchemy.engine import make_url
-
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # `bench` is a folder of scripts, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from bench.ingest import libpq_dsn  # noqa: E402
+from bench.common import database_exists  # noqa: E402
 
 JSON_KEYS = {"rows", "load_ratio", "fit_ratio", "peak_rss_mb"}
 RATINGS = 20_000
-
-
-def _database_exists(admin_url: str, name: str) -> bool:
-    conn = psycopg2.connect(libpq_dsn(make_url(admin_url)))
-    try:
-        with conn.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-            return cursor.fetchone() is not None
-    finally:
-        conn.close()
 
 
 def test_benchmark_smoke_run(service_urls: dict[str, str], tmp_path: Path) -> None:
@@ -50,5 +37,5 @@ def test_benchmark_smoke_run(service_urls: dict[str, str], tmp_path: Path) -> No
     assert any(line.startswith("run 1: train.fit via worker") for line in lines)
     # Cleaned up: the scratch database dropped, the worker's artifacts removed.
     scratch = re.search(r"^scratch database (\S+) on ", completed.stdout, re.MULTILINE)
-    assert scratch and not _database_exists(service_urls["postgres"], scratch.group(1))
+    assert scratch and not database_exists(service_urls["postgres"], scratch.group(1))
     assert not list(tmp_path.glob(".train-bench-models-*"))

@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
-import kombu
 import pytest
 
 from services.serve.app import create_app

@@ -1,0 +1,83 @@
+"""What every benchmark needs around its measurement: a scratch database on the
+server's admin URL, and the processes of a session it started."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg2
+from sqlalchemy.engine import URL, make_url
+
+
+def libpq_dsn(url: URL) -> str:
+    """A libpq connection string for psycopg2 from a SQLAlchemy URL."""
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def admin_execute(admin: URL, sql: str, attempts: int = 30) -> None:
+    """One statement on a fresh autocommit admin connection, retried while the server is down.
+
+    Fresh, not held for the whole run: on this shared machine other jobs restart Postgres,
+    and a long-held connection would then leave the scratch database behind.
+    """
+    for attempt in range(attempts):
+        try:
+            conn = psycopg2.connect(libpq_dsn(admin), connect_timeout=10)
+        except psycopg2.OperationalError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2.0)
+            continue
+        conn.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(sql)
+            return
+        finally:
+            conn.close()
+
+
+@contextmanager
+def scratch_database(admin_url: str, label: str = "") -> Iterator[URL]:
+    """A fresh database on the admin URL's server, dropped afterwards whatever happens."""
+    admin = make_url(admin_url)
+    name = "_".join(filter(None, ("recsys_bench", label, str(os.getpid()),
+                                  secrets.token_hex(3))))
+    admin_execute(admin, f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.set(database=name)
+    finally:
+        admin_execute(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def database_exists(admin_url: str, name: str) -> bool:
+    """Whether the admin URL's server has a database `name` (a scratch one left behind)."""
+    conn = psycopg2.connect(libpq_dsn(make_url(admin_url)))
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            return cursor.fetchone() is not None
+    finally:
+        conn.close()
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes of a session (a benchmark starts servers and workers as session
+    leaders, so their children, such as Celery's pool, belong to it too)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(")") + 2:].split()  # the command name may hold spaces
+        if int(fields[3]) == sid and fields[0] not in {"Z", "X"}:
+            pids.append(int(entry.name))
+    return pids
