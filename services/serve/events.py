@@ -33,27 +33,41 @@ def _wanted(payload: dict[str, Any]) -> bool:
     return payload.get("alias") in ("champion", "challenger")
 
 
-class PromotionListener:
-    """A daemon thread consuming `model.promoted` from RabbitMQ, reconnecting as needed."""
+class _DaemonLoop:
+    """A daemon thread running `_run` until `close` sets `_stop`."""
 
-    def __init__(self, broker_url: str, exchange: str, refresh: Refresh) -> None:
-        self.parameters = pika_parameters(broker_url)
-        self.parameters.connection_attempts = 1
-        self.exchange = exchange
-        self.refresh = refresh
-        self.queue = f"serve.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        self.subscribed = threading.Event()
+    name = "serve-loop"
+
+    def __init__(self) -> None:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="serve-events", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class PromotionListener(_DaemonLoop):
+    """A daemon thread consuming `model.promoted` from RabbitMQ, reconnecting as needed."""
+
+    name = "serve-events"
+
+    def __init__(self, broker_url: str, exchange: str, refresh: Refresh) -> None:
+        super().__init__()
+        self.parameters = pika_parameters(broker_url)
+        self.parameters.connection_attempts = 1
+        self.exchange = exchange
+        self.refresh = refresh
+        self.queue = f"serve.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self.subscribed = threading.Event()
 
     def _run(self) -> None:
         delay, first = 1.0, True
@@ -115,24 +129,16 @@ def subscribe_in_process(bus: InProcessEventBus, refresh: Refresh,
     bus.subscribe(EVENT, handler)
 
 
-class RegistryPoller:
+class RegistryPoller(_DaemonLoop):
     """Re-reads the registry every `interval` seconds (and at once while nothing loads)."""
 
+    name = "serve-poller"
+
     def __init__(self, interval: float, refresh: Refresh, loaded: Callable[[], bool]) -> None:
+        super().__init__()
         self.interval = interval
         self.refresh = refresh
         self.loaded = loaded
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="serve-poller", daemon=True)
-        self._thread.start()
-
-    def close(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:
