@@ -118,11 +118,7 @@ async def recommendations(request: Request, user_id: Annotated[int, Path(ge=1, l
         pending = service.begin(ask)
     except UnknownGenre as error:
         raise invalid("genres", str(error)) from None
-    # A hit stays on the event loop (an async cache read); a miss reads the history and
-    # scores in the threadpool.
-    cached = await service.cache.aget(pending.key)
-    body = (service.hit(pending, cached) if cached is not None
-            else await run_in_threadpool(service.miss, pending))
+    body = await service.answer(pending)
     return Response(body, media_type=JSON, headers={"X-Request-ID": pending.request_id})
 
 

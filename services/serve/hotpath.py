@@ -4,7 +4,7 @@ Nearly all traffic is `GET /recommendations/{user_id}` with at most `k` and `off
 plain integers, and most of it is a cache hit. For those requests FastAPI's routing and
 per-request parameter solving cost as much as everything else a hit does, so this ASGI
 layer answers them itself: the same service calls as the route (`begin`, the cache read
-awaited on the event loop, `hit` or `miss` in the threadpool), the same body and headers.
+awaited on the event loop, a miss in the threadpool), the same body and headers.
 Anything else (another path or method, any other parameter, a value out of the
 documented range, a repeated name, no model loaded) goes on to FastAPI untouched, which
 validates it, answers its errors and documents the route. The bounds are the schema's.
@@ -13,8 +13,6 @@ validates it, answers its errors and documents the route. The bounds are the sch
 from __future__ import annotations
 
 from typing import Any
-
-from starlette.concurrency import run_in_threadpool
 
 from services.serve.recommend import ListRequest, NoModel, Pending
 from services.serve.schemas import MAX_ID, MAX_K, MAX_OFFSET
@@ -76,10 +74,7 @@ class PlainListPath:
         await self.app(scope, receive, send)
 
     async def _answer(self, pending: Pending, scope: dict[str, Any], send: Any) -> None:
-        service = self.runtime.service
-        cached = await service.cache.aget(pending.key)
-        body = (service.hit(pending, cached) if cached is not None
-                else await run_in_threadpool(service.miss, pending))
+        body = await self.runtime.service.answer(pending)
         scope["route"] = self.route
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-length", str(len(body)).encode()),

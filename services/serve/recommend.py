@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
 
 from services.serve.cache import Cache, list_key
 from services.serve.history import History, HistoryReader, merge
@@ -129,6 +130,14 @@ class RecommendationService:
         self.impressions.log(pending.request_id, pending.request.user_id, items,
                              pending.model.version, pending.variant, source.decode())
         return with_request_id(body_open, pending.request_id)
+
+    async def answer(self, pending: Pending) -> bytes:
+        """The body of a list: a hit stays on the event loop (an awaited cache read); a
+        miss reads the history and scores in the threadpool."""
+        cached = await self.cache.aget(pending.key)
+        if cached is not None:
+            return self.hit(pending, cached)
+        return await run_in_threadpool(self.miss, pending)
 
     def miss(self, pending: Pending) -> bytes:
         """Compute the list (blocking: history read, scoring), store it, return the body."""
