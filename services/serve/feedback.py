@@ -49,10 +49,6 @@ CONFIRM_TIMEOUT = 5.0
 # the retry policy and CONFIRM_TIMEOUT, so this only guards against a stuck publisher.
 ACCEPT_TIMEOUT = 60.0
 MAX_EVENTS_PER_MESSAGE = 2000
-# Publisher threads per process. One: measured under load here (2 cores shared with the
-# broker, Redis, Postgres and the ingest worker), a second thread only split the batches
-# in two and added contention for the interpreter, serving 15-25% fewer requests.
-PUBLISHERS = 1
 
 
 class FeedbackUnavailable(RecsysError):
@@ -93,41 +89,41 @@ def cache_updates(payload: list[dict[str, Any]], implicit_rating: float
 class FeedbackPublisher:
     """Group commit of feedback: requests queue their events; a publisher thread takes all
     that wait, publishes them as one confirmed `ingest.feedback` message, drops the users'
-    cached lists, then releases those requests (or fails them with FeedbackUnavailable)."""
+    cached lists, then releases those requests (or fails them with FeedbackUnavailable).
+
+    One thread per process: measured under load here (2 cores shared with the broker,
+    Redis, Postgres and the ingest worker), a second one only split the batches in two
+    and added contention for the interpreter, serving 15-25% fewer requests."""
 
     def __init__(self, cache: Cache, implicit_rating: float,
-                 max_events: int = MAX_EVENTS_PER_MESSAGE, publishers: int = PUBLISHERS
-                 ) -> None:
+                 max_events: int = MAX_EVENTS_PER_MESSAGE) -> None:
         self.cache = cache
         self.implicit_rating = implicit_rating
         self.max_events = max_events
-        self.publishers = publishers
         self._queue: queue.SimpleQueue[tuple[list[dict[str, Any]], Future[None]] | None] = (
             queue.SimpleQueue())
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def start(self) -> None:
         with self._lock:
-            if not self._threads and not app.conf.task_always_eager:
-                self._threads = [threading.Thread(target=self._run, name=f"serve-feedback-{i}",
-                                                  daemon=True) for i in range(self.publishers)]
-                for thread in self._threads:
-                    thread.start()
+            if self._thread is None and not app.conf.task_always_eager:
+                self._thread = threading.Thread(target=self._run, name="serve-feedback",
+                                                daemon=True)
+                self._thread.start()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Publish what is queued, then stop the threads."""
+        """Publish what is queued, then stop the thread."""
         with self._lock:
-            threads, self._threads = self._threads, []
-        for _ in threads:
+            thread, self._thread = self._thread, None
+        if thread is not None:
             self._queue.put(None)
-        for thread in threads:
             thread.join(timeout)
 
     def submit(self, payload: list[dict[str, Any]]) -> None:
         """Return once the events are durably queued for ingest; FeedbackUnavailable when
         the broker did not confirm them."""
-        if not self._threads:  # embedded, or not started: this thread does the work
+        if self._thread is None:  # embedded, or not started: this thread does the work
             self._commit(payload)
             return
         done: Future[None] = Future()
@@ -159,7 +155,7 @@ class FeedbackPublisher:
                 except queue.Empty:
                     break
                 if item is None:
-                    self._queue.put(None)  # stop after this batch
+                    self._queue.put(None)  # stop once this batch is out
                     break
                 batch.append(item)
                 events += len(item[0])
