@@ -66,6 +66,24 @@ def database_exists(admin_url: str, name: str) -> bool:
         conn.close()
 
 
+def wait_for_sole_worker(queue: str, timeout: float, why: str, poll: float = 2.0) -> None:
+    """Wait until no other `recsys worker <queue>` answers on the broker in force (it would
+    take the benchmark's tasks); SystemExit when one is still there after `timeout`."""
+    from shared.celery_app import ServiceQueue, answering_workers
+
+    deadline = time.monotonic() + timeout
+    others = answering_workers(ServiceQueue(queue))
+    if others:
+        print(f"waiting up to {timeout:.0f} s for {others} other {queue} worker(s) on this "
+              f"broker to stop ({why})")
+    while others:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{others} other {queue} worker(s) still consume the `{queue}` "
+                             "queue; stop them and rerun")
+        time.sleep(poll)
+        others = answering_workers(ServiceQueue(queue))
+
+
 def session_pids(sid: int) -> list[int]:
     """Live processes of a session (a benchmark starts servers and workers as session
     leaders, so their children, such as Celery's pool, belong to it too)."""

@@ -75,7 +75,7 @@ import numpy as np
 import psycopg2
 from sqlalchemy.engine import URL, make_url
 
-from bench.common import libpq_dsn, scratch_database, session_pids
+from bench.common import libpq_dsn, scratch_database, session_pids, wait_for_sole_worker
 from bench.ingest import DEFAULT_ADMIN_URL, migrate, recsys_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -494,17 +494,7 @@ def purge_ingest_queue() -> int:
 def start_ingest_worker(env: dict[str, str], folder: Path, concurrency: int,
                         wait_others: float) -> Child:
     """`recsys worker ingest` alone on the broker (another would take our events)."""
-    deadline = time.monotonic() + wait_others
-    others = ingest_nodes()
-    if others:
-        print(f"waiting up to {wait_others:.0f} s for {others} other ingest worker(s) on "
-              "this broker to stop (they would take our events)")
-    while others:
-        if time.monotonic() > deadline:
-            raise SystemExit("another ingest worker still consumes the `ingest` queue; stop it "
-                             "and rerun")
-        time.sleep(2.0)
-        others = ingest_nodes()
+    wait_for_sole_worker("ingest", wait_others, "they would take our events")
     purged = purge_ingest_queue()
     if purged:
         print(f"purged {purged} message(s) from the ingest queue (impressions of this run's "

@@ -51,7 +51,7 @@ import sqlalchemy.exc
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
-from bench.common import libpq_dsn, scratch_database, session_pids
+from bench.common import libpq_dsn, scratch_database, session_pids, wait_for_sole_worker
 from bench.datagen import DEFAULT_WORKDIR, ML25M_RATINGS, Dataset, ensure_dataset
 from bench.ingest import COPY_SQL, DEFAULT_ADMIN_URL, migrate, recsys_command
 
@@ -381,6 +381,11 @@ def configure_environment(env: dict[str, str]) -> None:
     configure_app()
 
 
+# Every `recsys worker train` on a host is named `train@<host>`: a second one cannot even
+# start (its pidbox queue is locked), and any other would take our tasks.
+TRAIN_WORKER_CLASH = "same node name; they would also take our tasks"
+
+
 def train_nodes() -> int:
     from shared.celery_app import ServiceQueue, answering_workers
 
@@ -393,30 +398,11 @@ def purge_train_queue() -> int:
     return purge_queues(ServiceQueue.TRAIN)
 
 
-def wait_for_sole_train_worker(timeout: float) -> None:
-    """Wait until no other train worker answers on this broker.
-
-    Every `recsys worker train` on a host is named `train@<host>`: a second one cannot
-    even start (its pidbox queue is locked), and any other would take our tasks.
-    """
-    deadline = time.monotonic() + timeout
-    others = train_nodes()
-    if others:
-        print(f"waiting up to {timeout:.0f} s for {others} other train worker(s) on this "
-              "broker to stop (same node name; they would also take our tasks)")
-    while others:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{others} other train worker(s) still consume the `train` queue; "
-                             "stop them and rerun")
-        time.sleep(5.0)
-        others = train_nodes()
-
-
 def start_worker(env: dict[str, str], log: Path, wait_others: float,
                  timeout: float = 120.0, attempts: int = 3) -> Worker:
     """Start `recsys worker train` in a session of its own; wait until it answers a ping."""
     for attempt in range(1, attempts + 1):
-        wait_for_sole_train_worker(wait_others)
+        wait_for_sole_worker("train", wait_others, TRAIN_WORKER_CLASH, poll=5.0)
         handle = log.open("ab")
         process = subprocess.Popen([*recsys_command(), "worker", "train"], env=env,
                                    stdin=subprocess.DEVNULL, stdout=handle,
@@ -678,7 +664,7 @@ def run_fit_phase(worker: Worker, snapshot: dict[str, Any], overrides: dict[str,
                             raise SystemExit(f"{error}, three times; stop it and rerun") \
                                 from None
                         print(f"warning: {error}; waiting for it to stop, then redoing")
-                        wait_for_sole_train_worker(wait_others)
+                        wait_for_sole_worker("train", wait_others, TRAIN_WORKER_CLASH, poll=5.0)
                 last = fits[-1]
                 if last.result["params"] != params:
                     raise SystemExit(f"the worker resolved {last.result['params']}, the bare "

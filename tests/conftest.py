@@ -67,13 +67,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         _rabbitmqctl("delete_vhost", vhost)
 
 
-def _reachable(url: str, timeout: float = 2.0) -> bool:
-    parsed = urlparse(url.replace("postgresql+psycopg2", "postgresql"))
+def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections there (a service up, or not yet down)."""
     try:
-        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+def _reachable(url: str, timeout: float = 2.0) -> bool:
+    parsed = urlparse(url.replace("postgresql+psycopg2", "postgresql"))
+    return port_open(parsed.port, parsed.hostname, timeout)  # type: ignore[arg-type]
 
 
 def _docker_available() -> bool:

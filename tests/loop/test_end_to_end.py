@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -36,20 +35,12 @@ from shared.db import (
 )
 from shared.events import Event, PikaEventBus
 from shared.stack import down, up
-from tests.conftest import purge_service_queues, recsys_command, wait_for
+from tests.conftest import port_open, purge_service_queues, recsys_command, wait_for
 
 API_KEY = "loop-test-key"
 SERVE = "http://127.0.0.1:8000"  # compose's serve command binds port 8000
 SERVICES = {"migrate", "ingest", "transform", "train", "registry", "eval", "serve", "flower",
             "policy", "beat"}
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -67,7 +58,7 @@ def loop_stack(pg_url: str, broker_url: str, redis_url: str, use_settings,  # ty
            "ONLINE_INTERVAL_SECONDS": "10", "IMPRESSION_FLUSH_SECONDS": "0.2"}
     use_settings(**env)
     purge_service_queues()
-    wait_for(lambda: not _port_open(8000), timeout=300,
+    wait_for(lambda: not port_open(8000), timeout=300,
              what="port 8000 (serve) to be free of another run's serve")
     state = tmp_path / "stack"
     started = up(None, state_dir=state, env=env)

@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 from tests.conftest import (
     _admin_dsn,
     _reset_settings,
+    port_open,
     purge_service_queues,
     recsys_command,
     wait_for,
@@ -58,14 +59,6 @@ def _drop_or_create(url: str, statement: str) -> None:
             cursor.execute(statement)
     finally:
         connection.close()
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +121,7 @@ def serve_db(world: World, service_urls: dict[str, str]) -> Iterator[str]:
     from shared.db.session import engine_for
 
     engine_for(url).dispose()
-    wait_for(lambda: _port_open(5432), timeout=60, what="Postgres to answer before cleanup")
+    wait_for(lambda: port_open(5432), timeout=60, what="Postgres to answer before cleanup")
     _drop_or_create(service_urls["postgres"], f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -182,12 +175,12 @@ def redis_stopped() -> Iterator[None]:
     """Redis shut down for the block, restarted (and answering) afterwards, whatever happens."""
     subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], capture_output=True)
     try:
-        wait_for(lambda: not _port_open(6379), timeout=20, what="Redis to stop")
+        wait_for(lambda: not port_open(6379), timeout=20, what="Redis to stop")
         yield
     finally:
-        if not _port_open(6379):
+        if not port_open(6379):
             subprocess.run(REDIS_START, check=False, capture_output=True)
-        wait_for(lambda: _port_open(6379), timeout=30, what="Redis to restart")
+        wait_for(lambda: port_open(6379), timeout=30, what="Redis to restart")
 
 
 def _pg_cluster(action: str) -> None:
@@ -201,12 +194,12 @@ def postgres_stopped() -> Iterator[None]:
     """Postgres stopped for the block, restarted (and answering) afterwards, whatever happens."""
     _pg_cluster("stop")
     try:
-        wait_for(lambda: not _port_open(5432), timeout=60, what="Postgres to stop")
+        wait_for(lambda: not port_open(5432), timeout=60, what="Postgres to stop")
         yield
     finally:
-        if not _port_open(5432):
+        if not port_open(5432):
             _pg_cluster("start")
-        wait_for(lambda: _port_open(5432), timeout=60, what="Postgres to restart")
+        wait_for(lambda: port_open(5432), timeout=60, what="Postgres to restart")
         time.sleep(0.5)  # accepting TCP slightly before accepting logins
 
 
