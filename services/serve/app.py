@@ -269,6 +269,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await run_in_threadpool(runtime.stop)
             await runtime.cache.aclose()
+            await runtime.history.aclose()
 
     app = FastAPI(title="recsys serve", version="1.0.0", lifespan=lifespan,
                   description="MovieLens recommendations from the registry's champion, with "

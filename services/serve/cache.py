@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 import redis.asyncio
@@ -72,10 +72,19 @@ class Cache(Protocol):
         """`get` for the event loop: never blocks it."""
         ...
 
-    def put(self, key: str, value: bytes, user_id: int | None = None, epoch: str = "") -> None:
+    def put(self, key: str, value: bytes) -> None:
+        """Store an entry that belongs to no user (popular and similar lists)."""
         ...
 
-    def user_state(self, user_id: int) -> tuple[History, str, bool]: ...
+    async def aput(self, key: str, value: bytes, user_id: int | None = None,
+                   epoch: str = "") -> None:
+        """Store an entry on the event loop; a user's entry only while their epoch is still
+        `epoch` (no feedback arrived since its history was read)."""
+        ...
+
+    async def auser_state(self, user_id: int) -> tuple[History, str, bool]:
+        """(recent feedback {movie: value or None}, epoch, whether the cache answered)."""
+        ...
 
     def note_feedback(self, by_user: dict[int, History]) -> None: ...
 
@@ -94,8 +103,9 @@ def list_key(prefix: str, user_id: int, field: str) -> str:
 class RedisCache:
     """Redis with short socket timeouts and a breaker; failures count as cache errors.
 
-    Blocking calls (threads) use one client; reads on the event loop use an asyncio
-    client made in that loop (its connections belong to the loop that opened them)."""
+    The list path (read, user state, store) runs on the event loop with an asyncio client
+    made in that loop (its connections belong to the loop that opened them); blocking
+    calls from threads (popular and similar lists, feedback invalidation) use another."""
 
     def __init__(self, settings: Settings) -> None:
         self.prefix = settings.cache_prefix
@@ -108,8 +118,7 @@ class RedisCache:
         self.client = redis.Redis.from_url(
             self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
             retry=Retry(NoBackoff(), 0), health_check_interval=0)
-        self._async: tuple[asyncio.AbstractEventLoop, redis.asyncio.Redis] | None = None
-        self._store = self.client.register_script(_STORE)
+        self._async: tuple[asyncio.AbstractEventLoop, redis.asyncio.Redis, Any] | None = None
         self._feedback = self.client.register_script(_FEEDBACK)
         self._down_until = 0.0
         self._random = random.Random()
@@ -157,48 +166,58 @@ class RedisCache:
             return None
         return self._counted(value)  # type: ignore[arg-type]
 
-    def _async_client(self) -> redis.asyncio.Redis:
+    def _async_client(self) -> tuple[redis.asyncio.Redis, Any]:
+        """This loop's client and its store script."""
         loop = asyncio.get_running_loop()
         if self._async is None or self._async[0] is not loop:
-            self._async = (loop, redis.asyncio.Redis.from_url(
+            client = redis.asyncio.Redis.from_url(
                 self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
-                retry=AsyncRetry(NoBackoff(), 0), health_check_interval=0))
-        return self._async[1]
+                retry=AsyncRetry(NoBackoff(), 0), health_check_interval=0)
+            self._async = (loop, client, client.register_script(_STORE))
+        return self._async[1], self._async[2]
 
     async def aget(self, key: str) -> bytes | None:
         if self._bypassed():
             return None
         try:
-            value = await self._async_client().get(key)
+            value = await self._async_client()[0].get(key)
         except (redis.RedisError, OSError) as error:
             self._failed(error, "GET")
             return None
         return self._counted(value)
 
-    def put(self, key: str, value: bytes, user_id: int | None = None, epoch: str = "") -> None:
+    def put(self, key: str, value: bytes) -> None:
         if not self.ttl or not self._available():
             return
         try:
-            if user_id is None:
-                self.client.set(key, value, ex=self._ttl())
-            else:
-                ttl = self._ttl()
-                self._store(keys=[key, *self._keys(user_id)[::2]], args=[
-                    value, ttl, epoch, round(self.ttl * (1 + self.jitter)) + 1])
+            self.client.set(key, value, ex=self._ttl())
         except redis.RedisError as error:
             self._failed(error, "SET")
 
-    def user_state(self, user_id: int) -> tuple[History, str, bool]:
-        """(recent feedback {movie: value or None}, epoch, whether Redis answered)."""
+    async def aput(self, key: str, value: bytes, user_id: int | None = None,
+                   epoch: str = "") -> None:
+        if not self.ttl or not self._available():
+            return
+        client, store = self._async_client()
+        try:
+            if user_id is None:
+                await client.set(key, value, ex=self._ttl())
+            else:
+                await store(keys=[key, *self._keys(user_id)[::2]], args=[
+                    value, self._ttl(), epoch, round(self.ttl * (1 + self.jitter)) + 1])
+        except (redis.RedisError, OSError) as error:
+            self._failed(error, "SET")
+
+    async def auser_state(self, user_id: int) -> tuple[History, str, bool]:
         if not self._available():
             return {}, "", False
         _index, feedback, epoch = self._keys(user_id)
         try:
-            with self.client.pipeline(transaction=False) as pipe:
+            async with self._async_client()[0].pipeline(transaction=False) as pipe:
                 pipe.hgetall(feedback)
                 pipe.get(epoch)
-                items, current = pipe.execute()
-        except redis.RedisError as error:
+                items, current = await pipe.execute()
+        except (redis.RedisError, OSError) as error:
             self._failed(error, "read of recent feedback")
             return {}, "", False
         recent: History = {int(movie): float(value) if value else None
@@ -281,7 +300,11 @@ class MemoryCache:
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
 
-    def user_state(self, user_id: int) -> tuple[History, str, bool]:
+    async def aput(self, key: str, value: bytes, user_id: int | None = None,
+                   epoch: str = "") -> None:
+        self.put(key, value, user_id, epoch)
+
+    async def auser_state(self, user_id: int) -> tuple[History, str, bool]:
         with self._lock:
             expires, items = self._feedback.get(user_id, (0.0, {}))
             recent = dict(items) if expires >= time.monotonic() else {}

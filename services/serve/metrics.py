@@ -42,6 +42,9 @@ IMPRESSIONS = Counter("recsys_serve_impression_lists_total", "Served lists hande
 MODEL_VERSION = Gauge("recsys_serve_model_version", "Model version in use per variant (0: "
                       "none loaded).", ["variant"], multiprocess_mode="liveall")
 MODEL_LOADS = Counter("recsys_serve_model_loads_total", "Model loads by outcome.", ["outcome"])
+SCORE_BATCH = Histogram("recsys_serve_score_batch_users", "Trained users scored together "
+                        "by one matrix product (cache misses reaching scoring at once).",
+                        buckets=(1, 2, 4, 8, 16, 32, 64))
 DEGRADED = Counter("recsys_serve_degraded_total", "Answers computed without a dependency.",
                    ["dependency"])
 

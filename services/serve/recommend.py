@@ -2,27 +2,33 @@
 
 A cache hit costs one cache GET (awaited on the event loop) and a string join: the cached
 value is the response body without its request id, behind one header line (items,
-source) for the impression log. A miss (in the threadpool) reads the user's history,
-scores every item once (one matrix-vector product, or a fold-in solve for a user the
-model has not seen), masks seen, excluded and off-genre items, and takes the top by
-argpartition.
+source) for the impression log. A miss awaits the user's recent feedback (Redis) and
+history (Postgres) together on the event loop, then scores every item once (one
+matrix-vector product, or a fold-in solve for a user the model has not seen), masks
+seen, excluded and off-genre items, and takes the top by argpartition. Everything runs
+on the loop: no thread hop, and no threads contending for the interpreter while they
+wait on the network.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import uuid
-from dataclasses import dataclass
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 
 from services.serve.cache import Cache, list_key
 from services.serve.history import History, HistoryReader, merge
 from services.serve.impressions import ImpressionLogger
-from services.serve.metrics import SERVED, child
+from services.serve.metrics import SCORE_BATCH, SERVED, child
 from services.serve.models import LoadedModel, ModelStore, ServingState
+from shared.recommenders import Recommender
 
 
 class NoModel(LookupError):
@@ -95,6 +101,134 @@ def with_request_id(body_open: bytes, request_id: str) -> bytes:
     return body_open + b',"request_id":"' + request_id.encode() + b'"}'
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a miss scores: the user's model row (-1: unknown to the model), their
+    interactions (item index -> value), every item they must not be shown, the path."""
+
+    user: int
+    interactions: dict[int, float]
+    banned: np.ndarray
+    source: str  # model / fold-in / popular
+
+
+@dataclass
+class _Gathering:
+    """One event loop's batch being gathered."""
+
+    expected: int = 0  # misses holding a ticket that have not joined a batch
+    waiting: list[tuple[Recommender, int, asyncio.Future[np.ndarray]]] = field(
+        default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+    scheduled: bool = False  # the batch runs in this loop's next turn
+
+
+class Ticket:
+    """A miss's place in the gathering: it counts as expected from its start until it
+    joins a batch or goes without one (another scoring path, a failure, a cancelled
+    request)."""
+
+    __slots__ = ("expected",)
+
+    def __init__(self) -> None:
+        self.expected = True
+
+
+class ScoreBatch:
+    """Score rows of trained users for concurrent misses, by one matrix product per model.
+
+    Scoring a 60,000-item catalogue is a pass over the whole item matrix, bound by memory:
+    one pass for eight users costs little more than for one (measured 0.16 ms per user
+    against 0.60 ms alone). Each miss holds a ticket from before its reads, so the batch
+    knows how many more are on their way: it runs as soon as all of them have joined, or
+    after `max_wait` seconds when some are still reading their history, or when it holds
+    `max_users`. It never waits when a wait cannot pay: fewer than `gather_from` misses
+    in flight (a lone request is scored at once), or a catalogue under
+    `gather_from_items` (its product costs microseconds).
+    """
+
+    def __init__(self, max_wait: float = 0.002, max_users: int = 64, gather_from: int = 4,
+                 gather_from_items: int = 10_000) -> None:
+        self.max_wait = max_wait
+        self.max_users = max_users
+        self.gather_from = gather_from
+        self.gather_from_items = gather_from_items
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Gathering] = (
+            weakref.WeakKeyDictionary())
+
+    def _gathering(self) -> tuple[asyncio.AbstractEventLoop, _Gathering]:
+        loop = asyncio.get_running_loop()
+        gathering = self._loops.get(loop)
+        if gathering is None:
+            gathering = self._loops[loop] = _Gathering()
+        return loop, gathering
+
+    @contextmanager
+    def ticket(self) -> Iterator[Ticket]:
+        """Held for a whole miss, from before its reads until it has its scores."""
+        loop, gathering = self._gathering()
+        ticket = Ticket()
+        gathering.expected += 1
+        try:
+            yield ticket
+        finally:
+            if ticket.expected:  # left without joining: the batch stops waiting for it
+                ticket.expected = False
+                gathering.expected -= 1
+                self._check(loop, gathering)
+
+    def score(self, ticket: Ticket, recommender: Recommender, user: int
+              ) -> asyncio.Future[np.ndarray]:
+        """The trained user's score row, once the batch they join has run."""
+        loop, gathering = self._gathering()
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        gathering.waiting.append((recommender, user, future))
+        if ticket.expected:
+            ticket.expected = False
+            gathering.expected -= 1
+        self._check(loop, gathering)
+        return future
+
+    def _check(self, loop: asyncio.AbstractEventLoop, gathering: _Gathering) -> None:
+        """Run the batch in the next turn, or wait for the misses still on their way."""
+        waiting = gathering.waiting
+        if not waiting or gathering.scheduled:
+            return
+        if (gathering.expected <= 0 or len(waiting) >= self.max_users
+                or gathering.expected + len(waiting) < self.gather_from
+                or max(r.n_items for r, _, _ in waiting) < self.gather_from_items):
+            if gathering.timer is not None:
+                gathering.timer.cancel()
+                gathering.timer = None
+            gathering.scheduled = True
+            loop.call_soon(self._run, gathering)
+        elif gathering.timer is None:
+            gathering.timer = loop.call_later(self.max_wait, self._run, gathering)
+
+    @staticmethod
+    def _run(gathering: _Gathering) -> None:
+        if gathering.timer is not None:
+            gathering.timer.cancel()
+        waiting, gathering.waiting = gathering.waiting, []
+        gathering.timer, gathering.scheduled = None, False
+        groups: dict[int, tuple[Recommender, list[tuple[int, asyncio.Future[np.ndarray]]]]] = {}
+        for recommender, user, future in waiting:
+            if not future.done():  # a cancelled request took itself out
+                groups.setdefault(id(recommender), (recommender, []))[1].append((user, future))
+        for recommender, members in groups.values():
+            SCORE_BATCH.observe(len(members))
+            try:
+                rows = recommender.score_trained(
+                    np.fromiter((user for user, _ in members), dtype=np.int64,
+                                count=len(members)))
+            except Exception as error:  # each waiting request fails as it would alone
+                for _, future in members:
+                    future.set_exception(error)
+                continue
+            for row, (_, future) in zip(rows, members, strict=True):
+                future.set_result(row)
+
+
 class RecommendationService:
     """Answers the read endpoints from the store's current state."""
 
@@ -105,6 +239,7 @@ class RecommendationService:
         self.history = history
         self.impressions = impressions
         self.prefix = prefix
+        self.batch = ScoreBatch()
 
     def _state(self) -> ServingState:
         state = self.store.state
@@ -132,36 +267,64 @@ class RecommendationService:
         return with_request_id(body_open, pending.request_id)
 
     async def answer(self, pending: Pending) -> bytes:
-        """The body of a list: a hit stays on the event loop (an awaited cache read); a
-        miss reads the history and scores in the threadpool."""
+        """The body of a list, all on the event loop: a hit is one awaited cache read; a
+        miss awaits the user's cache state and history (together), then scores."""
         cached = await self.cache.aget(pending.key)
         if cached is not None:
             return self.hit(pending, cached)
-        return await run_in_threadpool(self.miss, pending)
+        return await self.miss(pending)
 
-    def miss(self, pending: Pending) -> bytes:
-        """Compute the list (blocking: history read, scoring), store it, return the body."""
-        request, model, variant = pending.request, pending.model, pending.variant
-        recent, epoch, cache_ok = self.cache.user_state(request.user_id)
-        history, database_ok = self.history.interactions(request.user_id)
-        for movie, value in recent.items():
-            merge(history, movie, value)
-        indices, scores, source = self._compute(model, request, history)
+    async def miss(self, pending: Pending) -> bytes:
+        """Compute the list (history read, scoring), store it, return the body."""
+        user_id = pending.request.user_id
+        with self.batch.ticket() as ticket:
+            (recent, epoch, cache_ok), (history, database_ok) = await asyncio.gather(
+                self.cache.auser_state(user_id), self.history.ainteractions(user_id))
+            for movie, value in recent.items():
+                merge(history, movie, value)
+            plan = self._plan(pending.model, pending.request, history)
+            scores = await self._scores(pending.model, plan, ticket)
+        body_open, entry = self._list(pending, plan, scores)
+        if database_ok and cache_ok:  # a list missing part of the history is not kept
+            await self.cache.aput(pending.key, entry, user_id, epoch)
+        return with_request_id(body_open, pending.request_id)
+
+    def _list(self, pending: Pending, plan: Plan, scores: np.ndarray) -> tuple[bytes, bytes]:
+        """Rank (CPU only): the body without its request id, and the cache entry; the list
+        is logged as an impression."""
+        request, model, variant, source = (pending.request, pending.model, pending.variant,
+                                           plan.source)
+        indices, best = rank(scores, plan.banned, model.genre_mask(request.genres),
+                             request.offset + request.k)
+        indices, best = indices[request.offset:], best[request.offset:]
         ids = model.items.ids[indices]
         body_open = (b'{"user_id":%d,"items":%s,"model_version":%d,"variant":"%s",'
-                     b'"source":"%s"' % (request.user_id, items_json(model, indices, scores),
+                     b'"source":"%s"' % (request.user_id, items_json(model, indices, best),
                                           model.version, variant.encode(), source.encode()))
         id_list = ",".join(map(str, ids.tolist())).encode()
-        if database_ok and cache_ok:  # a list missing part of the history is not kept
-            self.cache.put(pending.key, id_list + b"|" + source.encode() + b"\n" + body_open,
-                           request.user_id, epoch)
         child(SERVED, source, variant).inc()
         self.impressions.log(pending.request_id, request.user_id, id_list, model.version,
                              variant, source)
-        return with_request_id(body_open, pending.request_id)
+        return body_open, id_list + b"|" + source.encode() + b"\n" + body_open
 
-    def _compute(self, model: LoadedModel, request: ListRequest, extra: History
-                 ) -> tuple[np.ndarray, np.ndarray, str]:
+    async def _scores(self, model: LoadedModel, plan: Plan, ticket: Ticket) -> np.ndarray:
+        """Every item's score for the plan's user: the popular list, a trained user's row
+        (batched with this turn's other misses where the model scores from itself alone),
+        or from the user's interactions (fold-in, item-based models)."""
+        if plan.source == "popular":
+            return model.popularity
+        recommender = model.recommender
+        if plan.user >= 0 and recommender.scores_trained_alone:
+            return await self.batch.score(ticket, recommender, plan.user)
+        items = np.fromiter(plan.interactions, dtype=np.int64, count=len(plan.interactions))
+        values = np.fromiter(plan.interactions.values(), dtype=np.float32,
+                             count=len(plan.interactions))
+        return recommender.score_user(plan.user, items, values)
+
+    @staticmethod
+    def _plan(model: LoadedModel, request: ListRequest, extra: History) -> Plan:
+        """The user's row, interactions (snapshot train row merged with `extra`, the
+        history since), banned items and the path that answers them."""
         user = model.users.position(request.user_id)
         values: dict[int, float | None] = {}
         if user >= 0:  # the snapshot's train row, read straight from the CSR arrays
@@ -180,17 +343,8 @@ class RecommendationService:
                                             allow_unknown=True)
             banned = np.concatenate([banned, excluded[excluded >= 0]])
         interactions = {c: v for c, v in values.items() if v is not None}
-        if user < 0 and not interactions:
-            source, scores = "popular", model.popularity
-        else:
-            source = "model" if user >= 0 else "fold-in"
-            # The whole score row: genre and exclusion masks apply before ranking.
-            scores = model.recommender.score_user(
-                user, np.fromiter(interactions, dtype=np.int64, count=len(interactions)),
-                np.fromiter(interactions.values(), dtype=np.float32, count=len(interactions)))
-        indices, best = rank(scores, banned, model.genre_mask(request.genres),
-                             request.offset + request.k)
-        return indices[request.offset:], best[request.offset:], source
+        source = ("model" if user >= 0 else "fold-in" if interactions else "popular")
+        return Plan(user, interactions, banned, source)
 
     def similar(self, movie_id: int, k: int) -> bytes:
         """Body of the movies most similar to `movie_id` in the primary model."""
