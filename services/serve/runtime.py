@@ -3,6 +3,7 @@ the history reader, the impression logger, the event listener and the poller."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -21,6 +22,19 @@ from shared.events import InProcessEventBus, get_event_bus
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def settle_heap(full: bool) -> None:
+    """Take what is alive now (the libraries, the loaded models) out of the garbage
+    collector's sight.
+
+    A full collection walks every tracked object, and a serve process holds hundreds of
+    thousands that live as long as it does: measured 90-135 ms per collection, a pause
+    every request in flight on that worker waits out. Frozen, they are never walked
+    again. At start-up everything is collected first; after a swap only the young
+    generations (the load's garbage), which is quick even in a background thread."""
+    gc.collect() if full else gc.collect(1)
+    gc.freeze()
 
 
 class ServeRuntime:
@@ -54,14 +68,19 @@ class ServeRuntime:
 
     def refresh(self, payload: dict[str, Any] | None = None) -> None:
         """Reload from the registry; a background thread must survive any failure here."""
+        before = self.store.state.models
         try:
-            self.store.refresh(payload)
+            after = self.store.refresh(payload).models
         except Exception:  # logged with its traceback; the old model keeps serving
             log.exception("model refresh failed")
+            return
+        if any(model is not before.get(variant) for variant, model in after.items()):
+            settle_heap(full=False)
 
     def start(self) -> None:
         self.running = True
         self.refresh()
+        settle_heap(full=True)
         self.impressions.start()
         self.feedback.start()
         if not self.pinned:

@@ -1,12 +1,15 @@
-"""Batched scoring of concurrent misses and the history read on the event loop: each
-gives the answers the one-at-a-time path gives."""
+"""Batched scoring of concurrent misses, the history read on the event loop, and the
+frozen heap: each gives the answers the one-at-a-time path gives."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 
 import numpy as np
+import pytest
+from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from sqlalchemy import insert
 
@@ -164,3 +167,14 @@ def test_the_history_read_on_the_event_loop_equals_the_blocking_read(serve_env: 
     assert history[clicked] == 4.0 and history[viewed] is None and history[rated_movie] == 2.5
     assert awaited[3] == ({}, True)  # a user with no history
     reader.engine.dispose()
+
+
+def test_serve_freezes_its_heap_after_loading(client: TestClient) -> None:
+    assert client.get("/readyz").json()["ready"]
+    assert gc.get_freeze_count() > 0
+
+
+@pytest.fixture(autouse=True)
+def _thaw() -> None:
+    yield
+    gc.unfreeze()  # the test process goes back to collecting as usual
