@@ -135,7 +135,10 @@ function request()
 end
 """
 
-# Every (user, k, offset) once: users vary fastest, then k in 5..50, then offset in 0..9.
+# Every (user, k, offset) once: users vary fastest, then k in 5..50, then offset in 0..9
+# (943 x 46 x 10 = 433,780 lists). Measured loads start at 0 and 200,000, the warm-ups at
+# WARM_START.
+WARM_START = 400_000
 LUA_MISS = r"""
 local users = {USERS}
 function request()
@@ -340,6 +343,27 @@ def serving_version(base: str) -> int | None:
     if status != 200:
         return None
     return json.loads(body).get("models", {}).get("champion")
+
+
+def warm_misses(wrk: str, url: str, scripts: Path, users: str, common: dict[str, Any]
+                ) -> None:
+    """One second of misses, not measured, on keys the measured loads never ask for:
+    each worker's database and cache connections are open before the clock starts."""
+    run_wrk(wrk, "warm-up misses", url, lua_script(
+        scripts, "miss-warm", LUA_MISS, common["threads"], USERS=users, START=WARM_START,
+        PREFIX='"/recommendations/"'), **{**common, "duration": 1})
+
+
+def score_batches(base: str) -> tuple[float, float]:
+    """(trained users scored, matrix products) so far, from serve's /metrics (every
+    worker's samples)."""
+    status, body = http("GET", f"{base}/metrics")
+    found = dict.fromkeys(("_sum", "_count"), 0.0)
+    for line in body.decode().splitlines() if status == 200 else ():
+        for suffix in found:
+            if line.startswith(f"recsys_serve_score_batch_users{suffix} "):
+                found[suffix] = float(line.split()[1])
+    return found["_sum"], found["_count"]
 
 
 def wait_serving(base: str, version: int, child: Child, timeout: float = 120.0) -> None:
@@ -803,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{hit_cpu * 1e3:.3f} ms")
 
             all_users = ",".join(map(str, built.users))
+            warm_misses(wrk, serve_url, scripts, all_users, common)
             miss100 = run_wrk(wrk, "cache misses, ml-100k catalogue", serve_url, lua_script(
                 scripts, "miss100", LUA_MISS, args.threads, USERS=all_users, START=0,
                 PREFIX='"/recommendations/"'), **common)
@@ -835,11 +860,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{version}, registered, promoted and {how} in "
                   f"{time.perf_counter() - clock:.1f} s")
             spy = start_py_spy(args.py_spy, serve, folder, args.duration)
+            warm_misses(wrk, serve_url, scripts, all_users, common)
+            users_before, products_before = score_batches(serve_url)
             miss60 = run_wrk(wrk, f"cache misses, {args.items:,}-item catalogue", serve_url,
                              lua_script(scripts, "miss60", LUA_MISS, args.threads,
                                         USERS=all_users, START=0,
                                         PREFIX='"/recommendations/"'), **common)
             print(miss60.line())
+            users, products = (now - before for now, before in zip(
+                score_batches(serve_url), (users_before, products_before), strict=True))
+            if products:
+                print(f"  scoring: {users:,.0f} trained users in {products:,.0f} matrix "
+                      f"products ({users / products:.2f} users per product)")
             if spy is not None:
                 report_py_spy(*spy)
             quiet60 = None
