@@ -147,10 +147,10 @@ def popular(request: Request, k: K = 10, offset: Offset = 0, genres: Genres = No
              responses={**GUARDED, **TOO_LARGE, 503: {
                  "model": Problem, "description": "The broker did not confirm; retry."}},
              dependencies=[Depends(require_feedback_key)], tags=["feedback"])
-def feedback(request: Request, events: FeedbackBody) -> FeedbackAccepted:
+async def feedback(request: Request, events: FeedbackBody) -> FeedbackAccepted:
     """Accept events once RabbitMQ has confirmed them; the ingest service stores them."""
     batch = events if isinstance(events, list) else [events]
-    ids = accept_feedback(batch, runtime_of(request).feedback)
+    ids = await accept_feedback(batch, runtime_of(request).feedback)
     return FeedbackAccepted(accepted=len(ids), event_ids=ids)
 
 

@@ -15,6 +15,7 @@ cache round trip and, downstream, one ingest task and one database commit.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import queue
@@ -26,6 +27,7 @@ from typing import Any
 import amqp.exceptions
 import kombu.exceptions
 import sqlalchemy.exc
+from starlette.concurrency import run_in_threadpool
 
 from services.serve.cache import Cache
 from services.serve.history import History, event_value, merge
@@ -120,16 +122,17 @@ class FeedbackPublisher:
             self._queue.put(None)
             thread.join(timeout)
 
-    def submit(self, payload: list[dict[str, Any]]) -> None:
+    async def submit(self, payload: list[dict[str, Any]]) -> None:
         """Return once the events are durably queued for ingest; FeedbackUnavailable when
-        the broker did not confirm them."""
-        if self._thread is None:  # embedded, or not started: this thread does the work
-            self._commit(payload)
+        the broker did not confirm them. The request waits on the event loop, holding no
+        thread, while the publisher thread commits its group."""
+        if self._thread is None:  # embedded, or not started: a worker thread does the work
+            await run_in_threadpool(self._commit, payload)
             return
         done: Future[None] = Future()
         self._queue.put((payload, done))
         try:
-            done.result(ACCEPT_TIMEOUT)
+            await asyncio.wait_for(asyncio.wrap_future(done), ACCEPT_TIMEOUT)
         except TimeoutError:
             raise FeedbackUnavailable(f"feedback not confirmed within {ACCEPT_TIMEOUT:.0f} s; "
                                       "retry") from None
@@ -147,18 +150,24 @@ class FeedbackPublisher:
             item = self._queue.get()
             if item is None:
                 return
-            batch = [item]
-            events = len(item[0])
-            while events < self.max_events:  # everything that queued meanwhile joins
-                try:
+            batch, events = [], 0
+            while True:
+                # A request whose client went away before its group formed is dropped
+                # (it was never accepted); once taken, its events go out with the group.
+                if item[1].set_running_or_notify_cancel():
+                    batch.append(item)
+                    events += len(item[0])
+                if events >= self.max_events:
+                    break
+                try:  # everything that queued meanwhile joins
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
                     self._queue.put(None)  # stop once this batch is out
                     break
-                batch.append(item)
-                events += len(item[0])
+            if not batch:
+                continue
             try:
                 self._commit([event for payload, _ in batch for event in payload])
             except Exception as error:  # every waiter learns it; the thread carries on
@@ -172,11 +181,12 @@ class FeedbackPublisher:
                     done.set_result(None)
 
 
-def accept_feedback(events: list[FeedbackIn], publisher: FeedbackPublisher) -> list[str]:
+async def accept_feedback(events: list[FeedbackIn], publisher: FeedbackPublisher
+                          ) -> list[str]:
     """Queue the events durably (their users' cached lists dropped); their event ids."""
     now = dt.datetime.now(dt.UTC)
     payload = [task_payload(e, now) for e in events]
-    publisher.submit(payload)
+    await publisher.submit(payload)
     for event in events:
         FEEDBACK.labels(event.type).inc()
     return [p["event_id"] for p in payload]

@@ -28,12 +28,16 @@ def key_matches(given: str | None, settings: Settings) -> None:
                             headers={"WWW-Authenticate": "X-API-Key"})
 
 
-def require_api_key(request: Request, given: str | None = Security(API_KEY_HEADER)) -> None:
+# Both checks are async (they only compare bytes): FastAPI runs a plain `def` dependency
+# in its threadpool, one thread hop per request for nothing.
+async def require_api_key(request: Request, given: str | None = Security(API_KEY_HEADER)
+                          ) -> None:
     """Dependency of admin routes: the API key must be given."""
     key_matches(given, request.app.state.runtime.settings)
 
 
-def require_feedback_key(request: Request, given: str | None = Security(API_KEY_HEADER)) -> None:
+async def require_feedback_key(request: Request,
+                               given: str | None = Security(API_KEY_HEADER)) -> None:
     """Dependency of POST /feedback: the API key, unless FEEDBACK_ANONYMOUS opens it."""
     settings = request.app.state.runtime.settings
     if not settings.feedback_anonymous:

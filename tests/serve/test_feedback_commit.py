@@ -5,7 +5,7 @@ reached every waiting request gets a 503 that says to retry."""
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -71,3 +71,31 @@ def test_an_unreachable_broker_fails_every_waiting_request(serve_env: dict[str, 
         responses = post_concurrently(base, bodies)
     assert [r.status_code for r in responses] == [503] * len(bodies)
     assert all("retry" in r.json()["detail"] for r in responses), responses[0].text
+
+
+def test_a_request_gone_before_its_group_formed_is_not_published(serve_env: dict[str, str]
+                                                                 ) -> None:
+    """A client that went away (its request cancelled) before the publisher took its events
+    never got a 202: its events are dropped, the others in the queue go out."""
+    from services.serve.cache import make_cache
+    from services.serve.feedback import FeedbackPublisher
+    from shared.settings import get_settings
+
+    purge_queues(ServiceQueue.INGEST)
+    publisher = FeedbackPublisher(make_cache(get_settings()), 4.0)
+    gone: Future[None] = Future()
+    gone.cancel()
+    kept: Future[None] = Future()
+    publisher._queue.put(([{"event_id": "gone", "user_id": 1, "movie_id": 1, "type": "click",
+                            "value": None, "timestamp": "2026-01-01T00:00:00+00:00",
+                            "request_id": None}], gone))
+    publisher._queue.put(([{"event_id": "kept", "user_id": 1, "movie_id": 2, "type": "click",
+                            "value": None, "timestamp": "2026-01-01T00:00:00+00:00",
+                            "request_id": None}], kept))
+    publisher.start()  # takes both queued requests as one group
+    try:
+        kept.result(timeout=30)
+    finally:
+        publisher.close()
+    published = [event["event_id"] for events in feedback_messages() for event in events]
+    assert published == ["kept"]
