@@ -225,17 +225,26 @@ class RedisCache:
         return recent, (current or b"").decode(), True
 
     def note_feedback(self, by_user: dict[int, History]) -> None:
-        """Each user's invalidation, all in one round trip (a pipeline of scripts)."""
+        """Each user's invalidation, all in one round trip: a pipeline of EVALSHA. (A
+        pipeline of registered scripts would first ask SCRIPT EXISTS, a second round trip
+        every time; here the script is loaded only when Redis says it does not know it.)"""
         if not by_user or not self._available():
             return
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for user_id, items in by_user.items():
-                    args: list[object] = [self.feedback_ttl]
-                    for movie, value in items.items():
-                        args += [movie, "" if value is None else value]  # "": seen only
-                    self._feedback(keys=list(self._keys(user_id)), args=args, client=pipe)
-                pipe.execute()
+            for attempt in (1, 2):
+                try:
+                    with self.client.pipeline(transaction=False) as pipe:
+                        for user_id, items in by_user.items():
+                            args: list[object] = [self.feedback_ttl]
+                            for movie, value in items.items():
+                                args += [movie, "" if value is None else value]  # "": seen
+                            pipe.evalsha(self._feedback.sha, 3, *self._keys(user_id), *args)
+                        pipe.execute()
+                    return
+                except redis.exceptions.NoScriptError:  # new or restarted Redis: none ran
+                    if attempt == 2:
+                        raise
+                    self.client.script_load(_FEEDBACK)
         except redis.RedisError as error:
             self._failed(error, "invalidation")
 

@@ -61,6 +61,26 @@ def test_feedback_invalidates_the_users_lists(client: TestClient,
     assert items(first)[0] not in items(after) and items(after)[:4] == items(first)[1:]
 
 
+def test_feedback_invalidates_after_redis_forgot_its_scripts(client: TestClient,
+                                                             serve_env: dict[str, str]) -> None:
+    """A restarted Redis knows no scripts: the invalidation loads its script and runs."""
+    first = client.get("/recommendations/13", params={"k": 5}).json()
+    client.get("/recommendations/13", params={"k": 7})
+    assert len(user_keys(serve_env, 13)) == 2
+    server = redis.Redis.from_url(serve_env["REDIS_URL"])
+    try:
+        server.script_flush()
+    finally:
+        server.close()
+    errors = cache_count("error")
+    posted = client.post("/feedback", json={"user_id": 13, "movie_id": items(first)[0],
+                                            "type": "click"})
+    assert posted.status_code == 202
+    assert user_keys(serve_env, 13) == [] and cache_count("error") == errors
+    again = client.get("/recommendations/13", params={"k": 5}).json()
+    assert items(first)[0] not in items(again)
+
+
 def test_a_new_version_never_serves_the_old_versions_lists(
         client: TestClient, serve_env: dict[str, str], world: World) -> None:
     old = client.get("/recommendations/20", params={"k": 10}).json()
