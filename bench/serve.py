@@ -14,10 +14,12 @@ In one run, against one Postgres server, one RabbitMQ and one Redis (loopback on
              with redis-py, an async one with redis.asyncio); the faster is the floor;
    hits      GET /recommendations/{user}?k=10 over the same 16 users, pre-warmed;
    miss-100k GET /recommendations/{user}?k=..&offset=.. where every (user, k, offset) is
-             new, so every request misses (history read, scoring, ranking, cache store);
+             new, so every request misses (history read, scoring, ranking, cache store),
+             after a second of unmeasured misses on other keys (connections opened);
    miss-60k  the same after a synthetic 60,000-item x 64-factor model (ml-100k's users,
              train rows and weighting; random factors; movies rows for the new ids) is
              registered and promoted: serve hot-swaps to it (restarted if it does not);
+             it also prints how many trained users shared each matrix product;
    feedback  POST /feedback with a real `recsys worker ingest` storing the events, twice:
              one unique click per request, then batches of --feedback-batch clicks per
              request (the endpoint takes a JSON array); after each load the benchmark
