@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 
 from shared.db.session import engine_for
@@ -28,6 +29,11 @@ def wait_or_show_log(worker: subprocess.Popen, predicate, what: str, timeout: fl
         return wait_for(predicate, timeout=timeout, what=what)
     except pytest.fail.Exception:
         pytest.fail(f"timed out waiting for {what}; worker log:\n{worker_log(worker)}")
+
+
+def degraded_reads() -> float:
+    return REGISTRY.get_sample_value("recsys_serve_degraded_total",
+                                     {"dependency": "postgres"}) or 0.0
 
 
 def stored(url: str, sql: str, **params: object) -> list[tuple]:
@@ -64,6 +70,15 @@ def test_feedback_accepted_while_postgres_is_down(client: TestClient,
         "ORDER BY user_id"), "the feedback to reach Postgres", timeout=180)
     assert rows == [(event_ids[0], 7, 1, "rating", 4.0, before["request_id"]),
                     (event_ids[1], 654321, 50, "watch", None, None)]
+    # Postgres is back: misses read histories again (new connections in serve's pool).
+    offsets = iter(range(3, 1000))  # a new list each time: a miss, so a history read
+
+    def reads_history_again() -> bool:
+        count = degraded_reads()
+        response = client.get("/recommendations/7", params={"k": 5, "offset": next(offsets)})
+        return response.status_code == 200 and degraded_reads() == count
+
+    wait_for(reads_history_again, timeout=60, what="history reads to succeed again")
     # The impressions of the lists served (before, during and after the outage) land too.
     impressions = wait_or_show_log(ingest_worker, lambda: stored(
         serve_db, "SELECT request_id, user_id, movie_id, position, model_version, variant, "
