@@ -122,9 +122,7 @@ def load_model(session: Session, row: ModelVersion, settings: Settings) -> Loade
         arrays, _ = read_artifact(row.artifact_path, row.sha256, settings.model_path)
         snap, _ = read_artifact(snapshot.artifact_path, snapshot.sha256, settings.model_path)
         recommender = from_arrays(arrays)
-        if recommender.scores_trained_alone and len(arrays["user_ids"]):
-            recommender.score_trained(np.zeros(1, dtype=np.int64))  # lays out its serving
-            # copy now, before the swap, so no request pays for it
+        recommender.prepare_serving()
         train = arrays_to_csr("train", snap)
     except (ArtifactError, KeyError, ValueError) as error:
         raise ModelLoadError(f"version {row.version}: {error}") from None
