@@ -76,10 +76,9 @@ class Cache(Protocol):
         """Store an entry that belongs to no user (popular and similar lists)."""
         ...
 
-    async def aput(self, key: str, value: bytes, user_id: int | None = None,
-                   epoch: str = "") -> None:
-        """Store an entry on the event loop; a user's entry only while their epoch is still
-        `epoch` (no feedback arrived since its history was read)."""
+    async def aput(self, key: str, value: bytes, user_id: int, epoch: str) -> None:
+        """Store a user's entry on the event loop, only while their epoch is still `epoch`
+        (no feedback arrived since its history was read)."""
         ...
 
     async def auser_state(self, user_id: int) -> tuple[History, str, bool]:
@@ -194,17 +193,13 @@ class RedisCache:
         except redis.RedisError as error:
             self._failed(error, "SET")
 
-    async def aput(self, key: str, value: bytes, user_id: int | None = None,
-                   epoch: str = "") -> None:
+    async def aput(self, key: str, value: bytes, user_id: int, epoch: str) -> None:
         if not self.ttl or not self._available():
             return
-        client, store = self._async_client()
+        _client, store = self._async_client()
         try:
-            if user_id is None:
-                await client.set(key, value, ex=self._ttl())
-            else:
-                await store(keys=[key, *self._keys(user_id)[::2]], args=[
-                    value, self._ttl(), epoch, round(self.ttl * (1 + self.jitter)) + 1])
+            await store(keys=[key, *self._keys(user_id)[::2]], args=[
+                value, self._ttl(), epoch, round(self.ttl * (1 + self.jitter)) + 1])
         except (redis.RedisError, OSError) as error:
             self._failed(error, "SET")
 
@@ -309,8 +304,7 @@ class MemoryCache:
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
 
-    async def aput(self, key: str, value: bytes, user_id: int | None = None,
-                   epoch: str = "") -> None:
+    async def aput(self, key: str, value: bytes, user_id: int, epoch: str) -> None:
         self.put(key, value, user_id, epoch)
 
     async def auser_state(self, user_id: int) -> tuple[History, str, bool]:
