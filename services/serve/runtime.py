@@ -68,19 +68,23 @@ class ServeRuntime:
 
     def refresh(self, payload: dict[str, Any] | None = None) -> None:
         """Reload from the registry; a background thread must survive any failure here."""
+        if self._reload(payload):
+            settle_heap(full=False)
+
+    def _reload(self, payload: dict[str, Any] | None) -> bool:
+        """Whether a model was newly loaded (any failure is logged, the old one kept)."""
         before = self.store.state.models
         try:
             after = self.store.refresh(payload).models
         except Exception:  # logged with its traceback; the old model keeps serving
             log.exception("model refresh failed")
-            return
-        if any(model is not before.get(variant) for variant, model in after.items()):
-            settle_heap(full=False)
+            return False
+        return any(model is not before.get(variant) for variant, model in after.items())
 
     def start(self) -> None:
         self.running = True
-        self.refresh()
-        settle_heap(full=True)
+        self._reload(None)
+        settle_heap(full=True)  # after the first load: everything, once
         self.impressions.start()
         self.feedback.start()
         if not self.pinned:
