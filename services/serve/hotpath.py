@@ -3,8 +3,8 @@
 Nearly all traffic is `GET /recommendations/{user_id}` with at most `k` and `offset`, both
 plain integers, and most of it is a cache hit. For those requests FastAPI's routing and
 per-request parameter solving cost as much as everything else a hit does, so this ASGI
-layer answers them itself: the same service calls as the route (`begin`, the cache read
-awaited on the event loop, a miss in the threadpool), the same body and headers.
+layer answers them itself: the same service calls as the route (`begin`, then `answer`
+on the event loop, hit or miss), the same body and headers.
 Anything else (another path or method, any other parameter, a value out of the
 documented range, a repeated name, no model loaded) goes on to FastAPI untouched, which
 validates it, answers its errors and documents the route. The bounds are the schema's.
