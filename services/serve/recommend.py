@@ -309,7 +309,7 @@ class RecommendationService:
 
     async def _scores(self, model: LoadedModel, plan: Plan, ticket: Ticket) -> np.ndarray:
         """Every item's score for the plan's user: the popular list, a trained user's row
-        (batched with this turn's other misses where the model scores from itself alone),
+        (in one product with the concurrent misses, where the model scores from itself alone),
         or from the user's interactions (fold-in, item-based models)."""
         if plan.source == "popular":
             return model.popularity
