@@ -203,6 +203,14 @@ def print_pipeline(summary: dict[str, Any]) -> None:
         verdict = "promoted" if summary["promoted"] else "not promoted"
         out.print(f"champion: v{champion['version']} {champion['algorithm']} "
                   f"({verdict}: {summary['reason']})")
+    gate = summary.get("gate")
+    if gate and gate.get("champion") is not None:
+        on = gate["evaluated_on"]
+        out.print(f"gate: {gate['metric']} candidate v{gate['candidate']} "
+                  f"{gate['candidate_score']:.4f}, champion v{gate['champion']} "
+                  f"{gate['champion_score']:.4f}, on {on.get('interactions')} test interactions "
+                  f"of {on.get('users')} users ({on.get('excluded_champion_train', 0)} the "
+                  "champion trained on left out)")
     out.print(f"pipeline finished in {summary['seconds']} s: {', '.join(summary['stages'])}")
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 
 TruthLike = sp.spmatrix | sp.sparray | Sequence[np.ndarray]
+GATE_METRIC = "ndcg@10"  # what the promotion gate compares a candidate and the champion on
 
 METRIC_NAMES: tuple[str, ...] = (
     "ndcg",

@@ -133,6 +133,6 @@ def run_pipeline(stages: str | None = None, stage: str | None = None,
     if "promote" in outputs:
         decision = outputs["promote"]
         summary.update(champion=decision["champion"], promoted=decision["promoted"],
-                       reason=decision["reason"])
+                       reason=decision["reason"], gate=decision.get("gate"))
     summary["seconds"] = round(time.perf_counter() - clock, 3)
     return summary

@@ -81,10 +81,13 @@ class Recommender(ABC):
         user_items: sp.spmatrix,
         k: int,
         filter_seen: bool = True,
+        exclude: sp.spmatrix | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k item indices and scores (users x k) given each user's raw history row.
 
         Index -1 marks a user the model was not trained on (factor models fold them in).
+        ``exclude`` (same shape as ``user_items``) names the items to leave out instead of
+        the history's own, for an evaluation that hides more than the model is shown.
         """
         users = np.asarray(user_indices, dtype=np.int64).reshape(-1)
         rows = sp.csr_matrix(user_items)
@@ -96,14 +99,17 @@ class Recommender(ABC):
             )
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
+        hidden = rows if exclude is None else sp.csr_matrix(exclude)
+        if hidden.shape != rows.shape:
+            raise ValueError(f"exclude has shape {hidden.shape}; expected {rows.shape}, the "
+                             "shape of user_items")
         ids = np.full((users.size, k), -1, dtype=np.int64)
         scores = np.full((users.size, k), -np.inf, dtype=np.float32)
         batch_users = max(1, SCORE_BLOCK_CELLS // max(self.n_items, 1))
         for start in range(0, users.size, batch_users):
             batch = slice(start, start + batch_users)
-            raw = rows[batch]
-            block = self._score(users[batch], self.weighting.transform(raw))
-            ids[batch], scores[batch] = top_k(block, k, raw if filter_seen else None)
+            block = self._score(users[batch], self.weighting.transform(rows[batch]))
+            ids[batch], scores[batch] = top_k(block, k, hidden[batch] if filter_seen else None)
         return ids, scores
 
     def score(self, user_indices: Sequence[int] | np.ndarray, user_items: sp.spmatrix

@@ -14,10 +14,10 @@ import scipy.sparse as sp
 from sqlalchemy import select
 
 from shared.artifacts import arrays_to_csr, read_artifact
-from shared.db import ModelAlias, ModelVersion, session_scope
+from shared.db import ModelAlias, ModelVersion, Snapshot, session_scope
 from shared.errors import RecsysError
 from shared.features import IdIndex
-from shared.metrics import evaluate, item_popularity
+from shared.metrics import GATE_METRIC, evaluate, item_popularity
 from shared.recommenders import Recommender, from_arrays
 from shared.settings import get_settings
 
@@ -34,33 +34,91 @@ def load_model(record: dict[str, Any]) -> tuple[Recommender, np.ndarray, np.ndar
     return from_arrays(arrays), arrays["user_ids"], arrays["item_ids"]
 
 
+def _to_space(matrix: sp.csr_matrix, from_users: np.ndarray, from_items: np.ndarray,
+              to_users: np.ndarray, to_items: np.ndarray) -> sp.csr_matrix:
+    """`matrix` (rows `from_users`, columns `from_items`, raw ids) re-indexed by `to_users` and
+    `to_items`; cells whose user or item the target lacks are dropped."""
+    coo = matrix.tocoo()
+    rows = IdIndex(to_users).to_index(from_users[coo.row], allow_unknown=True)
+    cols = IdIndex(to_items).to_index(from_items[coo.col], allow_unknown=True)
+    keep = (rows >= 0) & (cols >= 0)
+    return sp.csr_matrix((coo.data[keep], (rows[keep], cols[keep])),
+                         shape=(len(to_users), len(to_items)))
+
+
 def evaluate_on_snapshot(record: dict[str, Any], snapshot: dict[str, np.ndarray],
-                         k_values: list[int]) -> dict[str, float]:
-    """Metrics at every k of one version on a snapshot's test split (train items removed)."""
+                         k_values: list[int], test: sp.csr_matrix | None = None,
+                         exclude: sp.csr_matrix | None = None) -> dict[str, float]:
+    """Metrics at every k of one version on a snapshot's test split (train items removed).
+
+    `test` replaces the snapshot's test split and `exclude` the train items left out of the
+    lists (the promotion gate hides what the champion was trained on, too); the model is
+    always shown the snapshot's train split as each user's history.
+    """
     model, model_users, model_items = load_model(record)
-    train, test = arrays_to_csr("train", snapshot), arrays_to_csr("test", snapshot)
+    train = arrays_to_csr("train", snapshot)
+    test = arrays_to_csr("test", snapshot) if test is None else test
+    exclude = train if exclude is None else exclude
     users = np.flatnonzero(np.diff(test.indptr))
     k = max(k_values)
     snap_users, snap_items = snapshot["user_ids"], snapshot["item_ids"]
-    history = train[users]
+    history, hidden = train[users], exclude[users]
     if np.array_equal(model_users, snap_users) and np.array_equal(model_items, snap_items):
-        recs, _ = model.recommend(users, history, k)
+        recs, _ = model.recommend(users, history, k, exclude=hidden)
     else:
         # Translate between the snapshot's and the model's id spaces through raw ids.
-        to_model = IdIndex(model_items).to_index(snap_items, allow_unknown=True)
-        known = to_model >= 0
-        coo = history.tocoo()
-        keep = known[coo.col]
-        rows = sp.csr_matrix((coo.data[keep], (coo.row[keep], to_model[coo.col[keep]])),
-                             shape=(len(users), len(model_items)))
-        model_user_index = IdIndex(model_users).to_index(snap_users[users], allow_unknown=True)
-        model_recs, _ = model.recommend(model_user_index, rows, k)
+        rows_users = snap_users[users]
+        model_user_index = IdIndex(model_users).to_index(rows_users, allow_unknown=True)
+        model_recs, _ = model.recommend(
+            model_user_index, _to_space(history, rows_users, snap_items, rows_users, model_items),
+            k, exclude=_to_space(hidden, rows_users, snap_items, rows_users, model_items))
         back = IdIndex(snap_items).to_index(
             np.where(model_recs >= 0, model_items[np.maximum(model_recs, 0)], -1),
             allow_unknown=True)
         recs = np.where(model_recs >= 0, back, -1)
-    return evaluate(recs, test[users], k_values, item_popularity(train),
-                    train_seen=history)
+    return evaluate(recs, test[users], k_values, item_popularity(train), train_seen=hidden)
+
+
+def _binary(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    out = matrix.copy().astype(np.float32)
+    out.data[:] = 1.0
+    return out
+
+
+def gate_split(snapshot: dict[str, np.ndarray], snapshot_id: str,
+               champion_snapshot: dict[str, np.ndarray] | None,
+               champion_snapshot_id: str | None
+               ) -> tuple[sp.csr_matrix, sp.csr_matrix, dict[str, Any]]:
+    """The interactions a candidate and the champion are compared on, and what to hide.
+
+    The test split of the candidate's snapshot, less every interaction the champion was
+    trained on: a snapshot of grown data draws its random split anew, so part of its test
+    split is the champion's training data, which would flatter the champion. The removed
+    interactions are hidden from both models' lists like train items. Returns (test,
+    exclude, description).
+    """
+    train, test = arrays_to_csr("train", snapshot), arrays_to_csr("test", snapshot)
+    overlap = sp.csr_matrix(test.shape, dtype=np.float32)
+    if champion_snapshot is not None and champion_snapshot_id != snapshot_id:
+        seen = _to_space(_binary(arrays_to_csr("train", champion_snapshot)),
+                         champion_snapshot["user_ids"], champion_snapshot["item_ids"],
+                         snapshot["user_ids"], snapshot["item_ids"])
+        overlap = test.multiply(_binary(seen)).tocsr()
+        overlap.eliminate_zeros()
+    if overlap.nnz:
+        gate_test = (test - overlap).tocsr()
+        gate_test.eliminate_zeros()
+        exclude = (_binary(train) + _binary(overlap)).tocsr()
+    else:
+        gate_test, exclude = test, train
+    described = {
+        "snapshot": snapshot_id, "split": "test", "interactions": int(gate_test.nnz),
+        "users": int(np.count_nonzero(np.diff(gate_test.indptr))),
+        "champion_snapshot": champion_snapshot_id,
+        "excluded_champion_train": int(overlap.nnz),
+        "rule": "the snapshot's test split less the interactions the champion was trained on",
+    }
+    return gate_test, exclude, described
 
 
 def _champion(name: str) -> dict[str, Any] | None:
@@ -70,9 +128,12 @@ def _champion(name: str) -> dict[str, Any] | None:
             return None
         version = session.scalars(select(ModelVersion).where(
             ModelVersion.name == name, ModelVersion.version == alias.version)).one()
+        snapshot = session.get(Snapshot, version.snapshot_id)
         return {"version": version.version, "algorithm": version.algorithm,
                 "params": version.params, "artifact_path": version.artifact_path,
-                "sha256": version.sha256, "snapshot": version.snapshot_id}
+                "sha256": version.sha256, "snapshot": version.snapshot_id,
+                "snapshot_artifact": None if snapshot is None else {
+                    "artifact_path": snapshot.artifact_path, "sha256": snapshot.sha256}}
 
 
 def _store(name: str, version: int, metrics: dict[str, float]) -> None:
@@ -102,13 +163,54 @@ def evaluate_versions(registered: list[dict[str, Any]], k_values: list[int] | No
         models.append({"version": record["version"], "algorithm": record["algorithm"],
                        "params": record["params"],
                        "metrics": {**record.get("metrics", {}), **metrics}})
+    baseline = next((m for m in models if m["algorithm"] == "popular"), None)
     champion = _champion(name)
+    # Without the gate's k among EVAL_K_VALUES there is nothing to gate on; promotion says so.
+    gate = (measure_gate(models, registered, champion, snapshot, arrays, ks)
+            if all(GATE_METRIC in m["metrics"] for m in models) else None)
     champion_result = None
+    if champion is not None and gate is not None:
+        champion_result = {"version": champion["version"], "algorithm": champion["algorithm"],
+                           "params": champion["params"], "metrics": gate.pop("champion_metrics")}
+    elif champion is not None:
+        champion_result = {"version": champion["version"], "algorithm": champion["algorithm"],
+                           "params": champion["params"],
+                           "metrics": evaluate_on_snapshot(champion, arrays, ks)}
+    if gate is not None:
+        gate.pop("champion_metrics", None)
+    return {"snapshot": snapshot, "models": models, "champion": champion_result,
+            "baseline": baseline, "k_values": ks, "gate": gate}
+
+
+def measure_gate(models: list[dict[str, Any]], registered: list[dict[str, Any]],
+                 champion: dict[str, Any] | None, snapshot: dict[str, Any],
+                 arrays: dict[str, np.ndarray], ks: list[int]) -> dict[str, Any]:
+    """The best new version (by `GATE_METRIC` on the test split) and the champion, measured
+    on interactions neither was trained on (see `gate_split`)."""
+    best = max(models, key=lambda m: (m["metrics"][GATE_METRIC], -m["version"]))
+    champion_arrays = None
+    if champion is not None and champion["snapshot"] != snapshot["snapshot_id"]:
+        where = champion["snapshot_artifact"]
+        if where is None:
+            raise EvaluationError(f"champion v{champion['version']}'s snapshot "
+                                  f"{champion['snapshot']} is not in the registry, so it cannot "
+                                  "be compared on data it was not trained on")
+        champion_arrays, _ = read_artifact(where["artifact_path"], where["sha256"])
+    test, exclude, described = gate_split(
+        arrays, snapshot["snapshot_id"], champion_arrays,
+        None if champion is None else champion["snapshot"])
+    unchanged = described["excluded_champion_train"] == 0
+    record = next(r for r in registered if r["version"] == best["version"])
+    candidate_metrics = best["metrics"] if unchanged else evaluate_on_snapshot(
+        record, arrays, ks, test, exclude)
+    champion_metrics = None
     if champion is not None:
         same = next((m for m in models if m["version"] == champion["version"]), None)
-        metrics = same["metrics"] if same else evaluate_on_snapshot(champion, arrays, ks)
-        champion_result = {"version": champion["version"], "algorithm": champion["algorithm"],
-                           "params": champion["params"], "metrics": metrics}
-    baseline = next((m for m in models if m["algorithm"] == "popular"), None)
-    return {"snapshot": snapshot, "models": models, "champion": champion_result,
-            "baseline": baseline, "k_values": ks}
+        champion_metrics = same["metrics"] if same and unchanged else evaluate_on_snapshot(
+            champion, arrays, ks, test, exclude)
+    return {"metric": GATE_METRIC, "candidate": best["version"],
+            "candidate_score": round(float(candidate_metrics[GATE_METRIC]), 6),
+            "champion": None if champion is None else champion["version"],
+            "champion_score": None if champion_metrics is None
+            else round(float(champion_metrics[GATE_METRIC]), 6),
+            "evaluated_on": described, "champion_metrics": champion_metrics}

@@ -19,6 +19,7 @@ from shared.artifacts import read_manifest
 from shared.db import AliasChange, ModelAlias, ModelVersion, session_scope
 from shared.errors import RecsysError
 from shared.events import get_event_bus
+from shared.metrics import GATE_METRIC
 
 DEFAULT_NAME = "recsys"
 ALIASES = ("champion", "challenger")
@@ -181,36 +182,58 @@ def rollback(alias: str = "champion", reason: str = "", name: str = DEFAULT_NAME
     return _move(alias, target, "rollback", reason, name)
 
 
-def promote_if_better(evaluated: dict[str, Any], metric: str = "ndcg@10",
-                      name: str = DEFAULT_NAME) -> dict[str, Any]:
-    """Promote the best evaluated version if its `metric` on the snapshot's test split is at
-    least the current champion's on that same split; otherwise make it the challenger."""
+def _gate_from_models(evaluated: dict[str, Any], metric: str) -> dict[str, Any]:
+    """The gate of an evaluation that did not measure one: the best version and the
+    champion as they scored on the snapshot's whole test split."""
     models = evaluated.get("models") or []
     if not models:
         raise RegistryError("nothing was evaluated, so nothing can be promoted")
     missing = [m["version"] for m in models if metric not in m["metrics"]]
     if missing:
-        raise RegistryError(f"versions {missing} have no {metric} to compare")
+        raise RegistryError(f"versions {missing} have no {metric} to compare; EVAL_K_VALUES "
+                            f"must include {metric.split('@')[-1]}")
     best = max(models, key=lambda m: (m["metrics"][metric], -m["version"]))
     champion = evaluated.get("champion")
-    bar = champion["metrics"][metric] if champion else float("-inf")
-    if champion and champion["version"] == best["version"]:
-        decision = {"promoted": False, "reason": f"v{best['version']} is already the champion"}
-    elif best["metrics"][metric] >= bar:
-        reason = (f"{metric} {best['metrics'][metric]:.4f} >= champion "
-                  + (f"v{champion['version']} {bar:.4f}" if champion else "(none)")
-                  + f" on snapshot {evaluated['snapshot']['snapshot_id'][:12]}")
-        promote(best["version"], "champion", reason, name)
+    return {"metric": metric, "candidate": best["version"],
+            "candidate_score": best["metrics"][metric],
+            "champion": champion["version"] if champion else None,
+            "champion_score": champion["metrics"][metric] if champion else None,
+            "evaluated_on": {"snapshot": evaluated["snapshot"]["snapshot_id"], "split": "test"}}
+
+
+def promote_if_better(evaluated: dict[str, Any], metric: str = GATE_METRIC,
+                      name: str = DEFAULT_NAME) -> dict[str, Any]:
+    """Promote the best evaluated version if its `metric` is at least the champion's on the
+    same interactions, neither model trained on them (the evaluation's `gate`); otherwise
+    make it the challenger."""
+    models = evaluated.get("models") or []
+    gate = evaluated.get("gate")
+    if not gate or gate.get("metric") != metric:
+        gate = _gate_from_models(evaluated, metric)
+    candidate, score = gate["candidate"], gate["candidate_score"]
+    champion, bar = gate["champion"], gate["champion_score"]
+    measured_on = (f"{gate['evaluated_on'].get('interactions', 'the')} test interactions of "
+                   f"snapshot {gate['evaluated_on']['snapshot'][:12]}")
+    if gate["evaluated_on"].get("excluded_champion_train"):
+        measured_on += (f" not in champion v{champion}'s training data ("
+                        f"{gate['evaluated_on']['excluded_champion_train']} left out)")
+    if champion is not None and champion == candidate:
+        decision = {"promoted": False, "reason": f"v{candidate} is already the champion"}
+    elif champion is None or score >= bar:
+        reason = (f"{metric} {score:.4f} >= champion "
+                  + (f"v{champion} {bar:.4f}" if champion is not None else "(none)")
+                  + f" on {measured_on}")
+        promote(candidate, "champion", reason, name)
         decision = {"promoted": True, "reason": reason}
     else:
-        reason = (f"{metric} {best['metrics'][metric]:.4f} < champion v{champion['version']} "
-                  f"{bar:.4f} on the same test split")
-        _move("challenger", best["version"], "promote", reason, name)
+        reason = f"{metric} {score:.4f} < champion v{champion} {bar:.4f} on {measured_on}"
+        _move("challenger", candidate, "promote", reason, name)
         decision = {"promoted": False, "reason": reason}
     current = resolve("latest", name)
-    return {**decision, "candidate": best["version"],
+    previous = evaluated.get("champion")
+    return {**decision, "candidate": candidate, "gate": gate,
             "champion": {k: current[k] for k in ("version", "algorithm", "params")}
             | {"metrics": next((m["metrics"] for m in models
                                 if m["version"] == current["version"]),
-                               champion["metrics"] if champion else current["metrics"])},
+                               previous["metrics"] if previous else current["metrics"])},
             "models": models, "snapshot": evaluated["snapshot"]}

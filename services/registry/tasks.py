@@ -6,6 +6,7 @@ from typing import Any
 
 from services.registry import registry
 from shared.celery_app import service_task
+from shared.metrics import GATE_METRIC
 
 
 @service_task("registry.register")
@@ -35,8 +36,8 @@ def rollback(self: Any, alias: str = "champion", reason: str = "") -> dict[str, 
 
 
 @service_task("registry.promote_if_better")
-def promote_if_better(self: Any, evaluated: dict[str, Any], metric: str = "ndcg@10"
+def promote_if_better(self: Any, evaluated: dict[str, Any], metric: str = GATE_METRIC
                       ) -> dict[str, Any]:
     """The gate: promote the best new version if it scores at least the champion's figure
-    on the same test split."""
+    on the same test interactions, which neither was trained on."""
     return registry.promote_if_better(evaluated, metric)

@@ -54,6 +54,13 @@ def test_pipeline_runs_on_embedded_defaults(tmp_path: Path, ml100k: Path) -> Non
     assert all(f"{name}@{k}" in champion["metrics"] for name in ("ndcg", "precision", "recall",
                "map") for k in (5, 10, 20))
     assert summary["promoted"] is True
+    gate = summary["gate"]
+    assert (gate["metric"], gate["candidate"], gate["champion"]) == (
+        "ndcg@10", champion["version"], None)
+    assert gate["candidate_score"] == round(champion["metrics"]["ndcg@10"], 6)
+    on = gate["evaluated_on"]
+    assert (on["users"], on["excluded_champion_train"]) == (943, 0)
+    assert on["snapshot"] == summary["snapshot"] and on["interactions"] > 20_000
     again = subprocess.run(
         [*recsys_command(), "ingest", "--json"],
         cwd=tmp_path,
