@@ -107,6 +107,9 @@ def eval_command(
                               "champion) or 'challenger'."),
     k: str = typer.Option(None, "--k", help="Comma-separated k values (EVAL_K_VALUES when "
                           "omitted)."),
+    sample_users: int = typer.Option(None, "--sample-users", min=0, help="Measure a seeded "
+                                     "sample of this many test users, with 95% confidence "
+                                     "intervals (EVAL_SAMPLE_USERS when omitted; 0: all)."),
     timeout: float = typer.Option(1800.0, "--timeout", help="Seconds to wait for the task."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object last."),
 ) -> None:
@@ -121,8 +124,8 @@ def eval_command(
     try:
         status = err.status(f"eval.evaluate: version {model} ...")
         with status if err.is_terminal else nullcontext():
-            result = run_task("eval.evaluate", {"model": model, "k_values": k_values},
-                              timeout=timeout)
+            result = run_task("eval.evaluate", {"model": model, "k_values": k_values,
+                                                "sample_users": sample_users}, timeout=timeout)
     except RecsysError as error:
         fail(str(error))
     if as_json:
@@ -145,10 +148,17 @@ def print_evaluation(result: dict[str, Any]) -> None:
     for name in names:
         cells = []
         for k in result["k_values"]:
-            cells += [f"{result['metrics'].get(f'{name}@{k}', float('nan')):.4f}",
-                      f"{baseline['metrics'].get(f'{name}@{k}', float('nan')):.4f}"]
+            value = f"{result['metrics'].get(f'{name}@{k}', float('nan')):.4f}"
+            interval = result.get("intervals", {}).get(f"{name}@{k}")
+            if interval:
+                value += f" ±{(interval[1] - interval[0]) / 2:.4f}"
+            cells += [value, f"{baseline['metrics'].get(f'{name}@{k}', float('nan')):.4f}"]
         table.add_row(name, *cells)
     out.print(table)
+    if "sample" in result:
+        sample = result["sample"]
+        out.print(f"measured on {sample['users']:,} of {sample['test_users']:,} test users "
+                  f"(seed {sample['seed']}); ± is the half-width of a 95% confidence interval")
     source = (f"registered v{baseline['version']}" if baseline.get("version")
               else baseline.get("source", "train split counts"))
     out.print(f"baseline: most-popular ({source}); figures stored on v{result['version']}")

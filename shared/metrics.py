@@ -291,3 +291,25 @@ def evaluate(
         results[f"novelty@{k}"] = novelty_at_k(recs, k, popularity)
         results[f"popularity_bias@{k}"] = popularity_bias_at_k(recs, k, popularity)
     return results
+
+
+def accuracy_intervals(recommendations: np.ndarray, test_truth: TruthLike,
+                       k_values: Iterable[int], z: float = 1.959964) -> dict[str, list[float]]:
+    """A 95% confidence interval (normal approximation: mean +- z * sd / sqrt(n)) of each
+    accuracy metric at every k, over the users that have test items: for figures measured
+    on a sample of users."""
+    recs = np.asarray(recommendations)
+    ks = sorted({int(k) for k in k_values})
+    truth = truth_matrix(test_truth, recs.shape[0])
+    evaluated = np.diff(truth.indptr) > 0
+    recs, truth = recs[evaluated, : ks[-1]], truth[evaluated]
+    all_hits = hit_matrix(recs, truth, ks[-1])
+    n_relevant = np.diff(truth.indptr)
+    intervals: dict[str, list[float]] = {}
+    for k in ks:
+        for name, per_user in _ACCURACY.items():
+            values = per_user(all_hits[:, :k], n_relevant)
+            mean = _mean(values)
+            half = z * float(values.std(ddof=1)) / np.sqrt(values.size) if values.size > 1 else 0.0
+            intervals[f"{name}@{k}"] = [mean - half, mean + half]
+    return intervals

@@ -231,6 +231,10 @@ class EvaluationSettings(BaseSettings):
     eval_protocol: EvalProtocol = Field(
         EvalProtocol.RANDOM, description="random, temporal or leave-last-n."
     )
+    eval_sample_users: int = Field(
+        0, ge=0, description="Test users measured per evaluation, a seeded sample with 95% "
+        "confidence intervals (0: every test user)."
+    )
 
     feedback_implicit_rating: float = Field(
         4.0, ge=0.5, le=5.0, description="Stars a click or watch counts for when feedback "

@@ -17,7 +17,7 @@ from shared.artifacts import arrays_to_csr, read_artifact
 from shared.db import ModelAlias, ModelVersion, Snapshot, session_scope
 from shared.errors import RecsysError
 from shared.features import IdIndex
-from shared.metrics import GATE_METRIC, evaluate, item_popularity
+from shared.metrics import GATE_METRIC, accuracy_intervals, evaluate, item_popularity
 from shared.recommenders import Recommender, from_arrays
 from shared.settings import get_settings
 
@@ -46,20 +46,33 @@ def _to_space(matrix: sp.csr_matrix, from_users: np.ndarray, from_items: np.ndar
                          shape=(len(to_users), len(to_items)))
 
 
-def evaluate_on_snapshot(record: dict[str, Any], snapshot: dict[str, np.ndarray],
-                         k_values: list[int], test: sp.csr_matrix | None = None,
-                         exclude: sp.csr_matrix | None = None) -> dict[str, float]:
+def sample_users(users: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A seeded sample of `size` of `users` (all of them when `size` is 0 or not smaller),
+    in ascending order, so the same seed and users give the same sample."""
+    if size <= 0 or size >= users.size:
+        return users
+    return np.sort(np.random.default_rng(seed).choice(users, size=size, replace=False))
+
+
+def measure_on_snapshot(record: dict[str, Any], snapshot: dict[str, np.ndarray],
+                        k_values: list[int], test: sp.csr_matrix | None = None,
+                        exclude: sp.csr_matrix | None = None, sample: int = 0
+                        ) -> dict[str, Any]:
     """Metrics at every k of one version on a snapshot's test split (train items removed).
 
     `test` replaces the snapshot's test split and `exclude` the train items left out of the
     lists (the promotion gate hides what the champion was trained on, too); the model is
-    always shown the snapshot's train split as each user's history.
+    always shown the snapshot's train split as each user's history. With `sample` > 0, a
+    seeded sample of that many test users is measured, and each accuracy metric gets a 95%
+    confidence interval. Memory: the splits, the model, users x k recommendations and one
+    score block of at most `SCORE_BLOCK_CELLS` cells at a time.
     """
     model, model_users, model_items = load_model(record)
     train = arrays_to_csr("train", snapshot)
     test = arrays_to_csr("test", snapshot) if test is None else test
     exclude = train if exclude is None else exclude
-    users = np.flatnonzero(np.diff(test.indptr))
+    all_users = np.flatnonzero(np.diff(test.indptr))
+    users = sample_users(all_users, sample, get_settings().seed)
     k = max(k_values)
     snap_users, snap_items = snapshot["user_ids"], snapshot["item_ids"]
     history, hidden = train[users], exclude[users]
@@ -76,7 +89,22 @@ def evaluate_on_snapshot(record: dict[str, Any], snapshot: dict[str, np.ndarray]
             np.where(model_recs >= 0, model_items[np.maximum(model_recs, 0)], -1),
             allow_unknown=True)
         recs = np.where(model_recs >= 0, back, -1)
-    return evaluate(recs, test[users], k_values, item_popularity(train), train_seen=hidden)
+    truth = test[users]
+    measured: dict[str, Any] = {"metrics": evaluate(recs, truth, k_values, item_popularity(train),
+                                                    train_seen=hidden)}
+    if users.size < all_users.size:
+        measured["intervals"] = accuracy_intervals(recs, truth, k_values)
+        measured["sample"] = {"users": int(users.size), "test_users": int(all_users.size),
+                              "seed": get_settings().seed}
+    return measured
+
+
+def evaluate_on_snapshot(record: dict[str, Any], snapshot: dict[str, np.ndarray],
+                         k_values: list[int], test: sp.csr_matrix | None = None,
+                         exclude: sp.csr_matrix | None = None, sample: int = 0
+                         ) -> dict[str, float]:
+    """The metrics of `measure_on_snapshot` alone."""
+    return measure_on_snapshot(record, snapshot, k_values, test, exclude, sample)["metrics"]
 
 
 def _binary(matrix: sp.csr_matrix) -> sp.csr_matrix:
@@ -156,17 +184,20 @@ def evaluate_versions(registered: list[dict[str, Any]], k_values: list[int] | No
     snapshot = registered[0]["snapshot_artifact"]
     arrays, _ = read_artifact(snapshot["artifact_path"], snapshot["sha256"])
     ks = k_values or get_settings().eval_k_values
+    sample = get_settings().eval_sample_users
     models = []
     for record in registered:
-        metrics = evaluate_on_snapshot(record, arrays, ks)
-        _store(name, record["version"], metrics)
+        measured = measure_on_snapshot(record, arrays, ks, sample=sample)
+        _store(name, record["version"], measured["metrics"])
         models.append({"version": record["version"], "algorithm": record["algorithm"],
                        "params": record["params"],
-                       "metrics": {**record.get("metrics", {}), **metrics}})
+                       "metrics": {**record.get("metrics", {}), **measured["metrics"]},
+                       **{key: measured[key] for key in ("intervals", "sample")
+                          if key in measured}})
     baseline = next((m for m in models if m["algorithm"] == "popular"), None)
     champion = _champion(name)
     # Without the gate's k among EVAL_K_VALUES there is nothing to gate on; promotion says so.
-    gate = (measure_gate(models, registered, champion, snapshot, arrays, ks)
+    gate = (measure_gate(models, registered, champion, snapshot, arrays, ks, sample)
             if all(GATE_METRIC in m["metrics"] for m in models) else None)
     champion_result = None
     if champion is not None and gate is not None:
@@ -175,7 +206,8 @@ def evaluate_versions(registered: list[dict[str, Any]], k_values: list[int] | No
     elif champion is not None:
         champion_result = {"version": champion["version"], "algorithm": champion["algorithm"],
                            "params": champion["params"],
-                           "metrics": evaluate_on_snapshot(champion, arrays, ks)}
+                           "metrics": evaluate_on_snapshot(champion, arrays, ks,
+                                                           sample=sample)}
     if gate is not None:
         gate.pop("champion_metrics", None)
     return {"snapshot": snapshot, "models": models, "champion": champion_result,
@@ -184,7 +216,8 @@ def evaluate_versions(registered: list[dict[str, Any]], k_values: list[int] | No
 
 def measure_gate(models: list[dict[str, Any]], registered: list[dict[str, Any]],
                  champion: dict[str, Any] | None, snapshot: dict[str, Any],
-                 arrays: dict[str, np.ndarray], ks: list[int]) -> dict[str, Any]:
+                 arrays: dict[str, np.ndarray], ks: list[int], sample: int = 0
+                 ) -> dict[str, Any]:
     """The best new version (by `GATE_METRIC` on the test split) and the champion, measured
     on interactions neither was trained on (see `gate_split`)."""
     best = max(models, key=lambda m: (m["metrics"][GATE_METRIC], -m["version"]))
@@ -199,15 +232,17 @@ def measure_gate(models: list[dict[str, Any]], registered: list[dict[str, Any]],
     test, exclude, described = gate_split(
         arrays, snapshot["snapshot_id"], champion_arrays,
         None if champion is None else champion["snapshot"])
+    if 0 < sample < described["users"]:
+        described["sampled_users"] = sample
     unchanged = described["excluded_champion_train"] == 0
     record = next(r for r in registered if r["version"] == best["version"])
     candidate_metrics = best["metrics"] if unchanged else evaluate_on_snapshot(
-        record, arrays, ks, test, exclude)
+        record, arrays, ks, test, exclude, sample)
     champion_metrics = None
     if champion is not None:
         same = next((m for m in models if m["version"] == champion["version"]), None)
         champion_metrics = same["metrics"] if same and unchanged else evaluate_on_snapshot(
-            champion, arrays, ks, test, exclude)
+            champion, arrays, ks, test, exclude, sample)
     return {"metric": GATE_METRIC, "candidate": best["version"],
             "candidate_score": round(float(candidate_metrics[GATE_METRIC]), 6),
             "champion": None if champion is None else champion["version"],

@@ -23,11 +23,11 @@ def offline(self: Any, registered: list[dict[str, Any]],
 
 
 @service_task("eval.evaluate")
-def evaluate(self: Any, model: str = "latest", k_values: list[int] | None = None
-             ) -> dict[str, Any]:
+def evaluate(self: Any, model: str = "latest", k_values: list[int] | None = None,
+             sample_users: int | None = None) -> dict[str, Any]:
     """One version (number, `latest` or `challenger`) beside the most-popular baseline on its
-    snapshot's test split; the figures are stored on the version."""
-    return evaluate_version(model, k_values)
+    snapshot's test split (or a seeded sample of its users); the figures are stored."""
+    return evaluate_version(model, k_values, sample_users=sample_users)
 
 
 @service_task("eval.online")

@@ -14,7 +14,12 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from services.eval.offline import DEFAULT_NAME, EvaluationError, evaluate_on_snapshot
+from services.eval.offline import (
+    DEFAULT_NAME,
+    EvaluationError,
+    evaluate_on_snapshot,
+    measure_on_snapshot,
+)
 from shared.artifacts import arrays_to_csr, read_artifact
 from shared.db import ModelAlias, ModelVersion, Snapshot, session_scope
 from shared.features import Weighting
@@ -121,15 +126,22 @@ def store_metrics(version: int, metrics: dict[str, float], name: str = DEFAULT_N
 
 
 def evaluate_version(model: str | int = "latest", k_values: list[int] | None = None,
-                     name: str = DEFAULT_NAME) -> dict[str, Any]:
+                     name: str = DEFAULT_NAME, sample_users: int | None = None
+                     ) -> dict[str, Any]:
     """Measure one version and the most-popular baseline on the version's own test split,
-    store both on the version, and return them side by side."""
+    store both on the version, and return them side by side. With `sample_users` (default
+    EVAL_SAMPLE_USERS), the version is measured on a seeded sample of test users and each
+    accuracy metric gets a 95% confidence interval."""
     ks = sorted({int(k) for k in (k_values or get_settings().eval_k_values)})
     if not ks or ks[0] < 1:
         raise EvaluationError(f"k values must be positive whole numbers, got {k_values}")
+    sample = get_settings().eval_sample_users if sample_users is None else int(sample_users)
+    if sample < 0:
+        raise EvaluationError(f"sample of users must be 0 (all) or more, got {sample_users}")
     record = resolve_version(model, name)
     snapshot, arrays = load_snapshot_arrays(record["snapshot"])
-    metrics = evaluate_on_snapshot(record, arrays, ks)
+    measured = measure_on_snapshot(record, arrays, ks, sample=sample)
+    metrics = measured["metrics"]
     baseline = baseline_on_snapshot(record, arrays, ks, name, own=metrics)
     store_metrics(record["version"], {**metrics, **{
         f"{BASELINE_PREFIX}{key}": value for key, value in baseline["metrics"].items()}}, name)
@@ -137,4 +149,5 @@ def evaluate_version(model: str | int = "latest", k_values: list[int] | None = N
             "params": record["params"], "aliases": record["aliases"],
             "snapshot": snapshot["snapshot_id"], "protocol": snapshot["protocol"],
             "counts": snapshot["counts"], "k_values": ks, "metrics": metrics,
-            "baseline": baseline}
+            "baseline": baseline,
+            **{key: measured[key] for key in ("intervals", "sample") if key in measured}}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from services.eval.offline import EvaluationError
 from services.eval.versions import UnknownVersionError, evaluate_version
 from services.ingest.ingest import ingest_source
 from services.registry import registry
@@ -86,6 +87,28 @@ def test_latest_is_the_champion_measured_beside_the_baseline_and_stored(champion
     assert challenger["baseline"]["metrics"] == challenger["metrics"]
 
 
+def test_a_seeded_sample_of_users_with_confidence_intervals(champion: dict  # type: ignore[type-arg]
+                                                            ) -> None:
+    whole = evaluate_version("latest")
+    assert "sample" not in whole and "intervals" not in whole
+    sampled = evaluate_version("latest", sample_users=300)
+    assert sampled["sample"] == {"users": 300, "test_users": champion["counts"]["test_users"],
+                                 "seed": 42}
+    for name in ("ndcg", "precision", "recall", "map", "hit_rate", "mrr"):
+        for k in K_VALUES:
+            low, high = sampled["intervals"][f"{name}@{k}"]
+            assert low < sampled["metrics"][f"{name}@{k}"] < high
+            assert high - low < 0.15
+    # The estimate brackets the figure over every user, and the same seed draws the same users.
+    low, high = sampled["intervals"]["ndcg@10"]
+    assert low <= whole["metrics"]["ndcg@10"] <= high
+    assert sampled["metrics"]["ndcg@10"] != whole["metrics"]["ndcg@10"]
+    again = run_task("eval.evaluate", {"model": "latest", "sample_users": 300})
+    assert again["metrics"] == sampled["metrics"]
+    with pytest.raises(EvaluationError, match="sample of users must be 0"):
+        evaluate_version("latest", sample_users=-1)
+
+
 def test_unknown_versions_are_clear_errors(champion: dict) -> None:  # type: ignore[type-arg]
     with pytest.raises(UnknownVersionError, match=r"model 'recsys' has no version 99; "
                                                   r"versions are 1") as error:
@@ -130,6 +153,9 @@ def test_cli_eval_on_embedded_defaults(tmp_path: Path, ml100k: Path) -> None:
     assert table.returncode == 0, table.stderr
     assert "popular@10" in table.stdout and "ndcg" in table.stdout
     assert "@20" not in table.stdout
+    sampled = recsys("eval", "--sample-users", "200", "--k", "10", cwd=tmp_path, env=env)
+    assert sampled.returncode == 0, sampled.stderr
+    assert "±" in sampled.stdout and "measured on 200 of 943 test users" in sampled.stdout
 
     unknown = recsys("eval", "--model", "99", cwd=tmp_path, env=env)
     assert unknown.returncode == 1
