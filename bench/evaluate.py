@@ -44,12 +44,14 @@ def generate(users: int, items: int, rows: int, seed: int) -> tuple[sp.csr_matri
     per_user = np.minimum(per_user, items // 2)
     popularity = 1.0 / np.arange(1, items + 1) ** 0.9
     popularity /= popularity.sum()
-    user_of = np.repeat(np.arange(users, dtype=np.int32), per_user)
+    # Popular items repeat within a user: draw more than asked, keep `rows` distinct cells.
+    user_of = np.repeat(np.arange(users, dtype=np.int32), np.ceil(per_user * 1.8).astype(int))
     item_of = rng.choice(items, size=user_of.size, p=popularity).astype(np.int32)
-    matrix = sp.csr_matrix((np.full(user_of.size, 4.0, np.float32), (user_of, item_of)),
+    cells = np.unique(user_of.astype(np.int64) * items + item_of)
+    cells = np.sort(rng.choice(cells, size=min(rows, cells.size), replace=False))
+    matrix = sp.csr_matrix((np.full(cells.size, 4.0, np.float32),
+                            ((cells // items).astype(np.int32), (cells % items).astype(np.int32))),
                            shape=(users, items))
-    matrix.sum_duplicates()
-    matrix.data[:] = 4.0
     draws = rng.random(matrix.nnz)
     test_cells = draws > 0.75
     train = sp.csr_matrix((matrix.data[~test_cells],

@@ -235,7 +235,21 @@ def popularity_bias_at_k(recommendations: np.ndarray, k: int, item_popularity: n
 
 
 def _check_no_seen_items(recommendations: np.ndarray, train_seen: TruthLike) -> None:
-    seen_hits = hit_matrix(recommendations, train_seen, recommendations.shape[1])
+    if sp.issparse(train_seen):
+        # Look the recommended cells up in the matrix itself: memory follows users x k,
+        # not the (large) number of training interactions.
+        given = sp.csr_matrix(train_seen)
+        seen = sp.csr_matrix((np.ones(given.nnz, dtype=np.int8), given.indices, given.indptr),
+                             shape=given.shape)  # structure only: a stored 0 is still seen
+        rows = np.repeat(np.arange(recommendations.shape[0]), recommendations.shape[1])
+        cols = recommendations.ravel()
+        valid = cols >= 0
+        hits = np.zeros(cols.size, dtype=bool)
+        if valid.any():
+            hits[valid] = np.asarray(seen[rows[valid], cols[valid]]).ravel() != 0
+        seen_hits = hits.reshape(recommendations.shape)
+    else:
+        seen_hits = hit_matrix(recommendations, train_seen, recommendations.shape[1])
     if seen_hits.any():
         row, col = np.argwhere(seen_hits)[0]
         raise ValueError(

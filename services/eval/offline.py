@@ -70,12 +70,12 @@ def measure_on_snapshot(record: dict[str, Any], snapshot: dict[str, np.ndarray],
     model, model_users, model_items = load_model(record)
     train = arrays_to_csr("train", snapshot)
     test = arrays_to_csr("test", snapshot) if test is None else test
-    exclude = train if exclude is None else exclude
     all_users = np.flatnonzero(np.diff(test.indptr))
     users = sample_users(all_users, sample, get_settings().seed)
     k = max(k_values)
     snap_users, snap_items = snapshot["user_ids"], snapshot["item_ids"]
-    history, hidden = train[users], exclude[users]
+    history = train[users]
+    hidden = history if exclude is None else exclude[users]
     if np.array_equal(model_users, snap_users) and np.array_equal(model_items, snap_items):
         recs, _ = model.recommend(users, history, k, exclude=hidden)
     else:
