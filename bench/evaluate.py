@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -115,8 +114,17 @@ def stage(mode: str, refs: dict[str, str], sample: int) -> dict[str, float]:
             low, high = measured["intervals"]["ndcg@10"]
             result["ci95"] = (high - low) / 2
     result["seconds"] = time.perf_counter() - started
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+def peak_rss_mb() -> float:
+    """This process's VmHWM (ru_maxrss would count the parent's pages from before exec)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def run_stage(mode: str, refs: dict[str, str], workdir: Path, sample: int = 0
