@@ -25,9 +25,11 @@ from shared.settings import SettingsError, get_settings
 app = typer.Typer(help="MovieLens recommender: ingest, train, serve, evaluate.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+PLAIN_WIDTH = 400
 app.add_typer(db_app, name="db")
 err = Console(stderr=True)
-out = Console()
+# Piped to a file or a CI log, tables keep their full width instead of rich's 80 columns.
+out = Console() if sys.stdout.isatty() else Console(width=PLAIN_WIDTH)
 
 
 def fail(message: str, code: int = 1) -> None:
