@@ -330,12 +330,45 @@ def _register_more_commands() -> None:
 _register_more_commands()
 
 
+@app.command()
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object last."),
+) -> None:
+    """Check settings, servers, schema, workers, models and disk; name the first fix."""
+    from shared.doctor import diagnose
+
+    report = diagnose()
+    if as_json:
+        emit_json(report)
+    else:
+        table = Table(title="recsys doctor")
+        for column in ("check", "status", "detail"):
+            table.add_column(column)
+        marks = {True: "[green]ok[/]", False: "[bold red]FAIL[/]", None: "[dim]skip[/]"}
+        for check in report["checks"]:
+            table.add_row(check["name"], marks[check["ok"]], check["detail"])
+        out.print(table)
+        if report["settings"]:
+            out.print("settings in force (secrets masked):", highlight=False)
+            for name, value in sorted(report["settings"].items()):
+                out.print(f"  {name}={value}", highlight=False)
+        problem = report["first_problem"]
+        if problem:
+            out.print(f"first thing to fix: {problem['name']}: {problem['detail']}"
+                      + (f" -> {problem['fix']}" if problem["fix"] else ""), highlight=False)
+        else:
+            out.print("all is well")
+    raise typer.Exit(0 if report["ok"] else 1)
+
+
 def main() -> None:
-    try:
-        get_settings()
-    except SettingsError as error:
-        err.print(f"[bold red]error:[/] {error}", highlight=False)
-        sys.exit(2)
+    # The doctor reports invalid settings itself, with everything else it can check.
+    if sys.argv[1:2] != ["doctor"]:
+        try:
+            get_settings()
+        except SettingsError as error:
+            err.print(f"[bold red]error:[/] {error}", highlight=False)
+            sys.exit(2)
     app()
 
 

@@ -1,0 +1,263 @@
+"""`recsys doctor`: what is wrong with this installation, before a traceback says it.
+
+Each check reports whether it passed, what it looked at (URLs with passwords masked) and,
+when it failed, the one thing to do about it. Checks run in the order a fix is needed:
+settings, database, schema, broker, cache, artifact store, workers, models, disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+from sqlalchemy.engine import make_url
+
+from shared.errors import RecsysError
+from shared.settings import Settings, SettingsError, get_settings
+
+DISK_MIN_FREE = 1 << 30  # below 1 GiB free, a snapshot or model write may fail
+CONNECT_TIMEOUT = 3
+
+
+@dataclass
+class Check:
+    """One finding: `ok` None means not applicable here (skipped)."""
+
+    name: str
+    ok: bool | None
+    detail: str
+    fix: str = ""
+
+
+def mask_url(url: str) -> str:
+    """A URL with its password replaced by ***."""
+    if not url or "://" not in url:
+        return url
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: mask by hand
+        scheme, rest = url.split("://", 1)
+        if "@" in rest and ":" in rest.split("@", 1)[0]:
+            user = rest.split("@", 1)[0].split(":", 1)[0]
+            return f"{scheme}://{user}:***@{rest.split('@', 1)[1]}"
+        return url
+    return parsed.render_as_string(hide_password=True)
+
+
+def settings_in_force(settings: Settings) -> dict[str, Any]:
+    """Every setting by its variable name; secrets masked, URLs without passwords."""
+    shown: dict[str, Any] = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            value = "***" if value.get_secret_value() else ""
+        elif isinstance(value, str) and name.endswith("_url"):
+            value = mask_url(value)
+        elif isinstance(value, Path):
+            value = str(value)
+        elif hasattr(value, "value") and not isinstance(value, int | float):
+            value = value.value
+        elif hasattr(value, "isoformat"):
+            value = value.isoformat()
+        shown[name.upper()] = value
+    return shown
+
+
+def _database(settings: Settings) -> tuple[Check, Any]:
+    from sqlalchemy import create_engine, text
+
+    url = settings.resolved_database_url
+    where = mask_url(url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url)
+        path = Path(url.split("///", 1)[-1])
+        if not path.exists():
+            return Check("database", True, f"{where} (embedded; nothing has run here yet)"), None
+    else:
+        engine = create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT},
+                               pool_pre_ping=False)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as error:  # noqa: BLE001 - any driver error means "not reached"
+        engine.dispose()
+        return Check("database", False, f"{where}: {_first_line(error)}",
+                     "start Postgres or correct DATABASE_URL"), None
+    return Check("database", True, f"{where} reached"), engine
+
+
+def _schema(engine: Any, url: str) -> Check:
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from shared.db.session import alembic_config
+
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    if current == head:
+        return Check("schema", True, f"at head ({head})")
+    found = "empty (no schema)" if current is None else f"at {current}"
+    return Check("schema", False, f"{found}, head is {head}", "run `recsys db upgrade`")
+
+
+def _broker(settings: Settings) -> Check:
+    if not settings.broker_url:
+        return Check("broker", True, "none set: tasks run in this process (embedded)")
+    from kombu import Connection
+
+    where = mask_url(settings.broker_url)
+    try:
+        with Connection(settings.broker_url, connect_timeout=CONNECT_TIMEOUT) as conn:
+            conn.ensure_connection(max_retries=1, timeout=CONNECT_TIMEOUT)
+    except Exception as error:  # noqa: BLE001 - any transport error means "not reached"
+        return Check("broker", False, f"{where}: {_first_line(error)}",
+                     "start RabbitMQ or correct BROKER_URL")
+    return Check("broker", True, f"{where} reached")
+
+
+def _cache(settings: Settings) -> Check:
+    if not settings.redis_url:
+        return Check("cache", True, "none set: an in-process cache (embedded)")
+    import redis
+
+    where = mask_url(settings.redis_url)
+    try:
+        redis.Redis.from_url(settings.redis_url, socket_connect_timeout=CONNECT_TIMEOUT,
+                             socket_timeout=CONNECT_TIMEOUT).ping()
+    except redis.RedisError as error:
+        return Check("cache", False, f"{where}: {_first_line(error)}",
+                     "start Redis or correct REDIS_URL")
+    return Check("cache", True, f"{where} reached")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _artifact_store(settings: Settings) -> Check:
+    root = Path(settings.model_path)
+    existing = _nearest_existing(root)
+    if not os.access(existing, os.W_OK):
+        return Check("artifact store", False, f"{root.resolve()}: not writable here",
+                     f"make {existing} writable or point MODEL_PATH elsewhere")
+    state = "exists" if root.exists() else "made on first write"
+    return Check("artifact store", True, f"{root.resolve()} ({state}, writable)")
+
+
+def _workers(settings: Settings) -> Check:
+    if not settings.broker_url:
+        return Check("workers", None, "embedded: no workers needed")
+    from shared.celery_app import ServiceQueue, answering_workers, configure_app
+
+    configure_app()
+    counts = {q.value: answering_workers(q, timeout=1.0) for q in ServiceQueue}
+    missing = [name for name, count in counts.items() if count == 0]
+    detail = ", ".join(f"{name} {count}" for name, count in counts.items())
+    if missing:
+        return Check("workers", False, f"answering per queue: {detail}",
+                     f"start `recsys worker {missing[0]}`"
+                     + (f" (and {', '.join(missing[1:])})" if len(missing) > 1 else ""))
+    return Check("workers", True, f"answering per queue: {detail}")
+
+
+def _models(engine: Any) -> list[Check]:
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from shared.artifacts import ArtifactError, read_artifact
+    from shared.db import ModelAlias, ModelVersion
+
+    checks = []
+    with Session(engine) as session:
+        aliases = {a.alias: a.version for a in session.scalars(select(ModelAlias))}
+        for alias in ("champion", "challenger"):
+            if alias not in aliases:
+                checks.append(Check(alias, False if alias == "champion" else None,
+                                    f"no {alias} yet",
+                                    "run `recsys pipeline --stages all`"
+                                    if alias == "champion" else ""))
+                continue
+            row = session.scalars(select(ModelVersion).where(
+                ModelVersion.version == aliases[alias])).first()
+            if row is None:
+                checks.append(Check(alias, False, f"v{aliases[alias]} is not in the registry",
+                                    "promote an existing version"))
+                continue
+            try:
+                read_artifact(row.artifact_path, row.sha256)
+            except ArtifactError as error:
+                checks.append(Check(alias, False, f"v{row.version} {row.algorithm}: {error}",
+                                    "retrain (`recsys pipeline --stages all`) or roll back"))
+                continue
+            checks.append(Check(alias, True, f"v{row.version} {row.algorithm}, artifact "
+                                             f"{row.artifact_path} verifies (sha256)"))
+    return checks
+
+
+def _disk(settings: Settings) -> list[Check]:
+    checks = []
+    for label, path in (("disk DATA_PATH", settings.data_path),
+                        ("disk MODEL_PATH", settings.model_path)):
+        where = _nearest_existing(Path(path))
+        free = shutil.disk_usage(where).free
+        detail = f"{free / 2**30:.1f} GiB free under {where}"
+        checks.append(Check(label, free >= DISK_MIN_FREE, detail,
+                            "" if free >= DISK_MIN_FREE else f"free space under {where}"))
+    return checks
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def diagnose() -> dict[str, Any]:
+    """Every check, the settings in force, and the first thing to fix (None when all is well)."""
+    checks: list[Check] = []
+    try:
+        get_settings.cache_clear()
+        settings = get_settings()
+    except SettingsError as error:
+        checks.append(Check("settings", False, str(error), "correct the variable it names"))
+        return _summary(checks, {})
+    checks.append(Check("settings", True, f"valid ({settings.environment.value})"))
+    database, engine = _database(settings)
+    checks.append(database)
+    schema = None
+    if engine is not None:
+        try:
+            schema = _schema(engine, settings.resolved_database_url)
+        except Exception as error:  # noqa: BLE001 - an unreadable version table
+            schema = Check("schema", False, _first_line(error), "run `recsys db upgrade`")
+        checks.append(schema)
+    broker = _broker(settings)
+    checks += [broker, _cache(settings), _artifact_store(settings)]
+    if broker.ok:
+        checks.append(_workers(settings))
+    if engine is None and database.ok:  # an embedded database not made yet
+        checks.append(Check("champion", False, "no champion yet: nothing has run here",
+                            "run `recsys pipeline --stages all`"))
+    if engine is not None and schema is not None and schema.ok:
+        try:
+            checks += _models(engine)
+        except RecsysError as error:
+            checks.append(Check("champion", False, str(error), ""))
+        engine.dispose()
+    checks += _disk(settings)
+    return _summary(checks, settings_in_force(settings))
+
+
+def _summary(checks: list[Check], settings: dict[str, Any]) -> dict[str, Any]:
+    problem = next((c for c in checks if c.ok is False), None)
+    return {"ok": problem is None, "checks": [asdict(c) for c in checks],
+            "first_problem": None if problem is None else
+            {"name": problem.name, "detail": problem.detail, "fix": problem.fix},
+            "settings": settings}

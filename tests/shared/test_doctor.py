@@ -1,0 +1,130 @@
+"""`recsys doctor` against the real services, each stopped (a closed port) in turn."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import recsys_command
+from tests.ingest.test_embedded import embedded_env
+
+
+def closed_port() -> int:
+    """A port nothing listens on: what a client sees of a stopped server."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def doctor(env: dict[str, str], cwd: Path) -> tuple[int, dict[str, Any], str]:
+    done = subprocess.run([*recsys_command(), "doctor", "--json"], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return done.returncode, report, done.stdout + done.stderr
+
+
+def status(report: dict[str, Any]) -> dict[str, bool | None]:
+    return {c["name"]: c["ok"] for c in report["checks"]}
+
+
+@pytest.fixture
+def served(pg_url: str, broker_url: str, redis_url: str, tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "BROKER_URL", "REDIS_URL", "API_KEY")}
+    return {**env, "DATABASE_URL": pg_url, "BROKER_URL": broker_url, "REDIS_URL": redis_url,
+            "DATA_PATH": str(tmp_path / "data"), "MODEL_PATH": str(tmp_path / "models"),
+            "API_KEY": "doctor-secret-key"}
+
+
+def test_every_server_reached_and_the_first_fix_is_the_missing_workers(
+        served: dict[str, str], tmp_path: Path) -> None:
+    code, report, text = doctor(served, tmp_path)
+    checks = status(report)
+    assert {k: checks[k] for k in ("settings", "database", "schema", "broker", "cache",
+                                   "artifact store")} == dict.fromkeys(
+        ("settings", "database", "schema", "broker", "cache", "artifact store"), True)
+    assert code == 1 and checks["workers"] is False
+    assert report["first_problem"]["name"] == "workers"
+    assert report["first_problem"]["fix"].startswith("start `recsys worker ingest`")
+    assert checks["champion"] is False  # and nothing trained yet
+    # Secrets are masked, in the settings and in every URL shown.
+    assert report["settings"]["API_KEY"] == "***" and "doctor-secret-key" not in text
+
+
+@pytest.mark.parametrize(("variable", "scheme", "name", "fix"), [
+    ("DATABASE_URL", "postgresql+psycopg2://postgres:pw@127.0.0.1:{port}/x", "database",
+     "start Postgres or correct DATABASE_URL"),
+    ("BROKER_URL", "amqp://guest:pw@127.0.0.1:{port}//", "broker",
+     "start RabbitMQ or correct BROKER_URL"),
+    ("REDIS_URL", "redis://127.0.0.1:{port}/0", "cache", "start Redis or correct REDIS_URL"),
+])
+def test_each_server_stopped_in_turn_is_named_with_its_url(
+        served: dict[str, str], tmp_path: Path, variable: str, scheme: str, name: str,
+        fix: str) -> None:
+    url = scheme.format(port=closed_port())
+    code, report, text = doctor({**served, variable: url}, tmp_path)
+    failed = next(c for c in report["checks"] if c["name"] == name)
+    assert code == 1 and failed["ok"] is False and failed["fix"] == fix
+    assert url.split("@")[-1] in failed["detail"] and ":pw@" not in text
+    others = {"database", "broker", "cache"} - {name}
+    assert all(status(report)[o] for o in others)
+    if name != "cache":  # the cache is checked after the broker
+        assert report["first_problem"]["name"] == name
+
+
+def test_a_database_without_the_schema_says_to_upgrade(served: dict[str, str], tmp_path: Path,
+                                                       pg_url: str) -> None:
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg_url)
+    admin = psycopg2.connect(host=url.host, port=url.port or 5432, user=url.username,
+                             dbname="postgres")
+    admin.autocommit = True
+    name = f"{url.database}_empty"
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        empty = url.set(database=name).render_as_string(hide_password=False)
+        code, report, _ = doctor({**served, "DATABASE_URL": empty}, tmp_path)
+        assert code == 1 and report["first_problem"]["name"] == "schema"
+        assert report["first_problem"]["fix"] == "run `recsys db upgrade`"
+        assert "empty (no schema)" in report["first_problem"]["detail"]
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def test_an_invalid_setting_is_named_and_the_rest_still_checked(tmp_path: Path) -> None:
+    code, report, _ = doctor(embedded_env(tmp_path, CACHE_TTL="soon"), tmp_path)
+    assert code == 1 and report["first_problem"]["name"] == "settings"
+    assert "CACHE_TTL" in report["first_problem"]["detail"]
+
+
+@pytest.mark.slow
+def test_embedded_after_a_run_is_well_and_a_tampered_champion_is_caught(
+        tmp_path: Path, ml100k: Path) -> None:
+    env = embedded_env(tmp_path, DATA_SOURCE=str(ml100k))
+    code, report, _ = doctor(env, tmp_path)
+    assert code == 1 and report["first_problem"]["name"] == "champion"
+    built = subprocess.run([*recsys_command(), "pipeline", "--stages", "all", "--algorithms",
+                            "popular", "--json"], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+    assert built.returncode == 0, built.stderr
+    code, report, text = doctor(env, tmp_path)
+    assert code == 0 and report["ok"] and report["first_problem"] is None, text
+    assert status(report)["champion"] is True and status(report)["workers"] is None
+    champion = json.loads(built.stdout.strip().splitlines()[-1])["champion"]
+    artifact = next((tmp_path / "models" / "models").rglob("arrays.npz"))
+    artifact.write_bytes(artifact.read_bytes() + b"tampered")
+    code, report, _ = doctor(env, tmp_path)
+    assert code == 1 and report["first_problem"]["name"] == "champion"
+    assert f"v{champion['version']}" in report["first_problem"]["detail"]
+    assert "checksum mismatch" in report["first_problem"]["detail"]
