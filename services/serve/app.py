@@ -59,7 +59,7 @@ from services.serve.schemas import (
     SimilarItems,
 )
 from services.serve.security import BodySizeLimit, require_api_key, require_feedback_key
-from services.serve.validation import INVALID, request_validation_handler
+from services.serve.validation import INVALID, JSONBodyRoute, request_validation_handler
 from shared.celery_app import configure_app
 from shared.settings import Settings, get_settings
 
@@ -79,7 +79,7 @@ Genres = Annotated[str | None, Query(max_length=400, description="Comma-separate
 FeedbackBody = Annotated[FeedbackBatch, Body(
     description=f"One event, or a JSON array of up to {MAX_FEEDBACK_BATCH}.")]
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 
 
 def runtime_of(request: Request) -> ServeRuntime:
@@ -154,7 +154,7 @@ async def feedback(request: Request, events: FeedbackBody) -> FeedbackAccepted:
 
 
 # Every admin route reads the X-API-Key header, so each can answer 422.
-admin_router = APIRouter(dependencies=[Depends(require_api_key)],
+admin_router = APIRouter(dependencies=[Depends(require_api_key)], route_class=JSONBodyRoute,
                          responses={**GUARDED, **INVALID}, tags=["admin"])
 
 

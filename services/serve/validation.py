@@ -9,18 +9,24 @@ than MAX_INPUT_CHARS once written as JSON is cut, sent as that JSON text with
 `input_truncated: true`; non-finite numbers are echoed as the strings "NaN", "Infinity"
 and "-Infinity"; at most MAX_ERRORS errors are listed and `error_count` says how many
 there were.
+
+Bodies are read by JSONBodyRoute, whose parser takes an integer longer than Python turns
+into an int (4,300 digits) as the infinite float it amounts to: the field then refuses it
+as it refuses 1e400, rather than the whole body failing with "error parsing the body".
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from services.serve.schemas import UNION_BRANCHES
@@ -158,3 +164,31 @@ async def request_validation_handler(_request: Request, error: Exception) -> JSO
 
 INVALID = {422: {"model": ValidationProblem, "description": "Invalid request: each error "
                  "says where and what (inputs cut to a few hundred characters)."}}
+
+
+def _json_int(text: str) -> int | float:
+    """A JSON integer; one too long to convert is +-infinity, which every field refuses."""
+    if len(text.lstrip("-")) > sys.get_int_max_str_digits() > 0:
+        return float(text)  # a decimal this long is past a double's range
+    return int(text)
+
+
+class JSONBodyRequest(Request):
+    """A request whose JSON body is parsed with `_json_int`."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), parse_int=_json_int)
+        return self._json
+
+
+class JSONBodyRoute(APIRoute):
+    """FastAPI's route, reading the body through JSONBodyRequest."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            return await handler(JSONBodyRequest(request.scope, request.receive))
+
+        return route

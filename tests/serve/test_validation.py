@@ -212,12 +212,14 @@ def test_queries_with_huge_or_non_finite_values_are_422(serve_env: dict[str, str
             assert fragment in messages(answer)[0], (path, answer)
 
 
-def test_bodies_with_numbers_past_every_limit_are_4xx(serve_env: dict[str, str]) -> None:
+def test_bodies_with_numbers_past_every_limit_are_422(serve_env: dict[str, str]) -> None:
     with connection() as conn:
-        for literal in ("1" + "0" * 5000, "-" + "9" * 5000, "1e-400"):
-            body = with_number(EVENT, "user_id", literal)
-            got, _, raw = conn.send("POST", "/feedback", body)
-            assert 400 <= got < 500 and json.loads(raw)["detail"], (literal[:20], got, raw)
-            assert len(raw) <= BOUND and conn.still_open()
+        # Integers too long for Python to convert count as infinite, like 1e400.
+        for literal in ("1" + "0" * 5000, "-" + "9" * 5000):
+            for field in ("user_id", "value"):
+                answer = refused(conn, "POST", "/feedback", with_number(EVENT, field, literal))
+                assert messages(answer) == [f"body.{field}: Input should be a finite number"]
+        answer = refused(conn, "POST", "/feedback", with_number(EVENT, "user_id", "1e-400"))
+        assert messages(answer) == ["body.user_id: Input should be greater than or equal to 1"]
         answer = refused(conn, "POST", "/retrain", with_number({}, "trials", "2.5e3"))
         assert messages(answer) == ["body.trials: Input should be less than or equal to 1000"]
