@@ -12,7 +12,9 @@ there were.
 
 Bodies are read by JSONBodyRoute, whose parser takes an integer longer than Python turns
 into an int (4,300 digits) as the infinite float it amounts to: the field then refuses it
-as it refuses 1e400, rather than the whole body failing with "error parsing the body".
+as it refuses 1e400, rather than the whole body failing with "error parsing the body";
+arrays and objects nested past the parser's recursion limit (about 1,000 levels) are
+invalid JSON, located at the character where the nesting passes MAX_JSON_DEPTH levels.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ MAX_INPUT_CHARS = 200  # of an echoed input, written as JSON
 MAX_MESSAGE_CHARS = 300  # of a message: validators quote what they refuse
 MAX_NAME_CHARS = 64  # of one name in a location (a client's unknown key can be any size)
 MAX_ERRORS = 20
+MAX_JSON_DEPTH = 100  # levels; where a body nested too deeply to parse is located
 ELLIPSIS = "…"
 
 
@@ -173,12 +176,35 @@ def _json_int(text: str) -> int | float:
     return int(text)
 
 
+def _too_deep(text: str, depth: int) -> int:
+    """The offset in JSON `text` where arrays and objects reach `depth` levels (0 if never)."""
+    level, quoted, escaped = 0, False, False
+    for offset, char in enumerate(text):
+        if quoted:
+            escaped, quoted = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            quoted = True
+        elif char in "[{":
+            level += 1
+            if level >= depth:
+                return offset
+        elif char in "]}":
+            level -= 1
+    return 0
+
+
 class JSONBodyRequest(Request):
     """A request whose JSON body is parsed with `_json_int`."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = json.loads(await self.body(), parse_int=_json_int)
+            body = await self.body()
+            try:
+                self._json = json.loads(body, parse_int=_json_int)
+            except RecursionError:
+                text = body.decode("utf-8", "replace")
+                raise json.JSONDecodeError("arrays and objects nested too deeply to read", text,
+                                           _too_deep(text, MAX_JSON_DEPTH)) from None
         return self._json
 
 

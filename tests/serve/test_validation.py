@@ -221,5 +221,10 @@ def test_bodies_with_numbers_past_every_limit_are_422(serve_env: dict[str, str])
                 assert messages(answer) == [f"body.{field}: Input should be a finite number"]
         answer = refused(conn, "POST", "/feedback", with_number(EVENT, "user_id", "1e-400"))
         assert messages(answer) == ["body.user_id: Input should be greater than or equal to 1"]
+        # Nested past the parser's recursion limit: invalid JSON, located.
+        deep = b'[{"user_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]"
+        answer = refused(conn, "POST", "/feedback", deep)
+        assert messages(answer) == ["body: invalid JSON at character 110: arrays and objects "
+                                    "nested too deeply to read"]
         answer = refused(conn, "POST", "/retrain", with_number({}, "trials", "2.5e3"))
         assert messages(answer) == ["body.trials: Input should be less than or equal to 1000"]
