@@ -41,7 +41,8 @@ MAX_JSON_DEPTH = 100  # levels; where a body nested too deeply to parse is locat
 ELLIPSIS = "…"
 
 
-class ValidationIssue(BaseModel):
+# Named as FastAPI names its own, so the OpenAPI components keep their names.
+class ValidationError(BaseModel):
     """One thing wrong with a request (FastAPI's ValidationError, bounded)."""
 
     type: str = Field(description="Pydantic's error type, e.g. `greater_than_equal`.")
@@ -54,10 +55,10 @@ class ValidationIssue(BaseModel):
     ctx: dict[str, Any] | None = Field(None, description="The limit or pattern broken.")
 
 
-class ValidationProblem(BaseModel):
+class HTTPValidationError(BaseModel):
     """A 422: every field in error (the first MAX_ERRORS) and how many there were."""
 
-    detail: list[ValidationIssue]
+    detail: list[ValidationError]
     error_count: int = Field(description=f"Errors in the request; `detail` lists at most "
                              f"{MAX_ERRORS}.")
 
@@ -165,7 +166,7 @@ async def request_validation_handler(_request: Request, error: Exception) -> JSO
     return JSONResponse(problem(list(errors)), status_code=422)
 
 
-INVALID = {422: {"model": ValidationProblem, "description": "Invalid request: each error "
+INVALID = {422: {"model": HTTPValidationError, "description": "Invalid request: each error "
                  "says where and what (inputs cut to a few hundred characters)."}}
 
 
