@@ -25,7 +25,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from pydantic import Field
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.serve import admin
@@ -43,7 +42,7 @@ from services.serve.schemas import (
     MAX_OFFSET,
     AliasMove,
     FeedbackAccepted,
-    FeedbackIn,
+    FeedbackBatch,
     Health,
     ListQuery,
     ModelInfo,
@@ -60,6 +59,7 @@ from services.serve.schemas import (
     SimilarItems,
 )
 from services.serve.security import BodySizeLimit, require_api_key, require_feedback_key
+from services.serve.validation import INVALID, JSONBodyRoute, request_validation_handler
 from shared.celery_app import configure_app
 from shared.settings import Settings, get_settings
 
@@ -76,11 +76,10 @@ K = Annotated[int, Query(ge=1, le=MAX_K, description="How many items.")]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Items to skip (paging).")]
 Genres = Annotated[str | None, Query(max_length=400, description="Comma-separated genres; "
                                      "items of any of them are kept.")]
-FeedbackBody = Annotated[FeedbackIn | Annotated[list[FeedbackIn], Field(
-    min_length=1, max_length=MAX_FEEDBACK_BATCH)], Body(
+FeedbackBody = Annotated[FeedbackBatch, Body(
     description=f"One event, or a JSON array of up to {MAX_FEEDBACK_BATCH}.")]
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 
 
 def runtime_of(request: Request) -> ServeRuntime:
@@ -103,7 +102,7 @@ LIST_ROUTE = "/recommendations/{user_id}"
 
 
 @router.get(LIST_ROUTE, response_model=RecommendationList,
-            responses=NO_MODEL, tags=["recommendations"])
+            responses={**INVALID, **NO_MODEL}, tags=["recommendations"])
 async def recommendations(request: Request, user_id: Annotated[int, Path(ge=1, le=MAX_ID)],
                           query: Annotated[ListQuery, Query()]) -> Response:
     """A user's top-k, never an item they rated or reacted to; `offset` pages on.
@@ -124,14 +123,14 @@ async def recommendations(request: Request, user_id: Annotated[int, Path(ge=1, l
 
 @router.get("/items/{movie_id}/similar", response_model=SimilarItems,
             responses={404: {"model": Problem, "description": "Movie not in the model."},
-                       **NO_MODEL}, tags=["recommendations"])
+                       **INVALID, **NO_MODEL}, tags=["recommendations"])
 def similar(request: Request, movie_id: Annotated[int, Path(ge=1, le=MAX_ID)],
             k: K = 10) -> Response:
     """The movies most similar to this one, by the serving model."""
     return Response(runtime_of(request).service.similar(movie_id, k), media_type=JSON)
 
 
-@router.get("/popular", response_model=PopularList, responses=NO_MODEL,
+@router.get("/popular", response_model=PopularList, responses={**INVALID, **NO_MODEL},
             tags=["recommendations"])
 def popular(request: Request, k: K = 10, offset: Offset = 0, genres: Genres = None
             ) -> Response:
@@ -144,7 +143,7 @@ def popular(request: Request, k: K = 10, offset: Offset = 0, genres: Genres = No
 
 
 @router.post("/feedback", status_code=202, response_model=FeedbackAccepted,
-             responses={**GUARDED, **TOO_LARGE, 503: {
+             responses={**GUARDED, **TOO_LARGE, **INVALID, 503: {
                  "model": Problem, "description": "The broker did not confirm; retry."}},
              dependencies=[Depends(require_feedback_key)], tags=["feedback"])
 async def feedback(request: Request, events: FeedbackBody) -> FeedbackAccepted:
@@ -154,8 +153,9 @@ async def feedback(request: Request, events: FeedbackBody) -> FeedbackAccepted:
     return FeedbackAccepted(accepted=len(ids), event_ids=ids)
 
 
-admin_router = APIRouter(dependencies=[Depends(require_api_key)], responses=GUARDED,
-                         tags=["admin"])
+# Every admin route reads the X-API-Key header, so each can answer 422.
+admin_router = APIRouter(dependencies=[Depends(require_api_key)], route_class=JSONBodyRoute,
+                         responses={**GUARDED, **INVALID}, tags=["admin"])
 
 
 @admin_router.get("/models", response_model=ModelList)
@@ -237,7 +237,8 @@ def metrics(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-@router.get("/metrics/online", response_model=OnlineMetrics, tags=["operations"])
+@router.get("/metrics/online", response_model=OnlineMetrics, responses=INVALID,
+            tags=["operations"])
 def online_metrics(request: Request,
                    windows: Annotated[int, Query(ge=1, le=100)] = 1) -> OnlineMetrics:
     """The newest online windows eval computed: CTR@k, hit rate, click position, volume and
@@ -275,6 +276,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="MovieLens recommendations from the registry's champion, with "
                   "feedback, impressions, and registry operations.")
     app.state.runtime = runtime
+    app.add_exception_handler(RequestValidationError, request_validation_handler)
     app.include_router(router)
     app.include_router(admin_router)
     for error, status in ((NoModel, 503), (UnknownItem, 404), (admin.NotFound, 404),

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from shared.recommenders import MODEL_KINDS
 from shared.settings import EvalProtocol
@@ -23,6 +31,10 @@ Alias = Literal["champion", "challenger"]
 # anything (NUL bytes, odd unicode) that could make such a message a poison pill.
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 
+
+# Request bodies refuse unknown keys, and NaN or infinite numbers in any field (Python's
+# JSON parser reads NaN, Infinity and 1e400 as floats).
+REQUEST_BODY = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 IDS_PATTERN = r"^ *[0-9]{1,10}( *, *[0-9]{1,10}){0,999} *$"
 
@@ -73,7 +85,7 @@ class PopularList(BaseModel):
 class FeedbackIn(BaseModel):
     """One feedback event; a batch is a JSON array of these."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_BODY
 
     user_id: int = Field(ge=1, le=MAX_ID)
     movie_id: int = Field(ge=1, le=MAX_ID)
@@ -115,6 +127,28 @@ class FeedbackIn(BaseModel):
         return self
 
 
+EVENT, BATCH = "event", "batch"
+UNION_BRANCHES = frozenset({EVENT, BATCH})  # pydantic names them in error locations
+
+
+def _feedback_shape(value: Any) -> str | None:
+    """Which form a feedback body takes: an array is a batch, an object one event."""
+    if isinstance(value, list):
+        return BATCH
+    return EVENT if isinstance(value, dict | FeedbackIn) else None
+
+
+# Chosen by the body's shape, so an error names the field that is wrong (body[3].movie_id)
+# rather than every form the body could have taken.
+FeedbackBatch = Annotated[
+    Annotated[FeedbackIn, Tag(EVENT)]
+    | Annotated[list[FeedbackIn], Field(min_length=1, max_length=MAX_FEEDBACK_BATCH), Tag(BATCH)],
+    Discriminator(_feedback_shape, custom_error_type="feedback_shape",
+                  custom_error_message="Input should be one feedback event (a JSON object) "
+                  f"or a JSON array of 1 to {MAX_FEEDBACK_BATCH} of them"),
+]
+
+
 class FeedbackAccepted(BaseModel):
     accepted: int = Field(description="Events now durably queued for persistence.")
     event_ids: list[str]
@@ -139,14 +173,14 @@ class ModelList(BaseModel):
 
 
 class PromoteIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_BODY
 
     alias: Alias = "champion"
     reason: str = Field("promoted through the API", max_length=500)
 
 
 class RollbackIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_BODY
 
     alias: Alias = "champion"
     reason: str = Field("rolled back through the API", max_length=500)
@@ -166,7 +200,7 @@ class AliasMove(BaseModel):
 
 
 class RetrainIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_BODY
 
     algorithms: list[str] | None = Field(
         None, min_length=1, max_length=len(MODEL_KINDS),
