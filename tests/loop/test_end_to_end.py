@@ -199,7 +199,9 @@ def test_feedback_retrains_promotes_hot_swaps_and_survives_kill_9(
         assert 0 < figures["ctr"] < 1 and figures["hit_rate"] > 0
 
         # 4. The policy fired a retrain; a new version is registered and promoted.
-        decisions = wait_for(_fired, timeout=120, what="the policy to fire a retrain")
+        # The decision is recorded before its chain is enqueued, then given its task id.
+        decisions = wait_for(lambda: [d for d in _fired() if d["task_id"]], timeout=120,
+                             what="the policy to fire a retrain")
         assert decisions[0]["rule"] == "new_feedback" and decisions[0]["task_id"]
         wait_for(lambda: _chain_done(_fired()[0]), timeout=600,
                  what="the retrain chain to finish")
