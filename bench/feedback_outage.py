@@ -16,9 +16,11 @@ directory, so the shared broker is never touched):
 
 Human-readable lines first; the last stdout line is one JSON object: sent, accepted,
 persisted, lost (accepted and not stored), duplicated (stored rows beyond one per event,
-by content), errors_5xx and no_answer (requests), outage_s, p99_ms and p50_ms (every
-request), p99_ms_outage (requests started while the broker was down), events_per_s, and
-outbox_events (events that went through the outbox, from serve's metrics).
+by content), errors_5xx and no_answer (requests), outage_s (broker stopped to answering
+again), p99_ms and p50_ms (every request), p99_ms_outage (requests started while the
+broker was down), events_per_s, events_per_s_up and events_per_s_outage (before the
+outage: the direct path; during it: the outbox), and outbox_events (events that went
+through the outbox, from serve's metrics).
 
     python bench/feedback_outage.py                # a 30 s outage
     python bench/feedback_outage.py --outage 5 --before 2 --after 3
@@ -159,7 +161,20 @@ def outage_figures(attempts: list[Attempt], rows: list[tuple[str, float]],
         "p99_ms_outage": round(1000 * percentile(during, 0.99), 1),
         "max_ms": round(1000 * max((a.seconds for a in attempts), default=0.0), 1),
         "events_per_s": round(len(accepted) / span, 1) if span else 0.0,
+        # Accepted events per second with the broker up before the outage (the direct,
+        # group-committed path) and while it is down (the outbox path), same clients.
+        "events_per_s_up": _rate([a for a in attempts if a.started < outage[0]]),
+        "events_per_s_outage": _rate([a for a in attempts
+                                      if outage[0] <= a.started <= outage[1]]),
     }
+
+
+def _rate(attempts: list[Attempt]) -> float:
+    if not attempts:
+        return 0.0
+    span = max(a.started + a.seconds for a in attempts) - attempts[0].started
+    events = sum(len(a.event_ids) for a in attempts if a.status == 202)
+    return round(events / span, 1) if span else 0.0
 
 
 def outbox_events(base: str) -> float:

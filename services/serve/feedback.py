@@ -260,6 +260,11 @@ class FeedbackPublisher:
         while True:
             item = self._queue.get()
             if item is None:
+                if self._connection is not None:
+                    self._connection.collect()  # never blocks on a broker that is gone
+                    self._connection = None
+                if self.outbox is not None:
+                    self.outbox.close()
                 return
             batch, events = [], 0
             while True:

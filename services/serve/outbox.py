@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared.errors import RecsysError
+
 Events = list[dict[str, Any]]
 OUTBOX_FILE = "feedback-outbox.sqlite3"  # under DATA_PATH
 # Longer than any bounded publish (connect, confirm, one reconnect), so a live drainer's
@@ -34,6 +36,10 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
+class OutboxUnavailable(RecsysError):
+    """The outbox file cannot be opened or written."""
+
+
 class FeedbackOutbox:
     """Durable rows of feedback events awaiting a confirmed publish; safe across threads
     (a connection per thread) and processes (SQLite's locking)."""
@@ -42,8 +48,12 @@ class FeedbackOutbox:
         self.path = path
         self.lease_seconds = lease_seconds
         self._local = threading.local()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._connection()  # create the file and table now: a bad path fails at start-up
+        try:  # create the file and table now: a bad path stops start-up, saying which
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._connection()
+        except (sqlite3.Error, OSError) as error:
+            raise OutboxUnavailable(f"the feedback outbox {path} (under DATA_PATH) cannot "
+                                    f"be opened: {error}") from None
 
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
