@@ -161,6 +161,11 @@ class ServingSettings(BaseSettings):
         30.0, ge=0, description="Seconds between serve's checks of the registry for a new "
         "champion (a safety net for missed events); 0 turns it off.",
     )
+    feedback_confirm_seconds: float = Field(
+        1.0, gt=0, le=30, description="Seconds serve waits for RabbitMQ to connect or to "
+        "confirm a feedback message before keeping the events in its outbox under DATA_PATH "
+        "(shipped when the broker answers again).",
+    )
     impression_flush_seconds: float = Field(
         1.0, gt=0, le=60, description="Seconds between flushes of logged impressions."
     )

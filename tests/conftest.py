@@ -22,6 +22,8 @@ import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
+from tests.chaos.broker import PrivateBroker
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SERVICE_URLS = {
@@ -234,3 +236,20 @@ def purge_service_queues() -> None:
     from shared.celery_app import purge_queues
 
     purge_queues()
+
+
+@pytest.fixture
+def private_broker() -> Iterator[PrivateBroker]:
+    """A RabbitMQ node of this test's own (see tests/chaos/broker.py), started, yielded as
+    the `PrivateBroker` (`.url`, `.stop()`, `.start()`), shut down and removed after."""
+    from tests.chaos.broker import rabbitmq_available
+
+    if not rabbitmq_available():
+        pytest.fail("rabbitmq-server is not installed; outage tests need one of their own",
+                    pytrace=False)
+    broker = PrivateBroker()
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.close()

@@ -1,9 +1,11 @@
 """Persisting what serve accepted: feedback events and served impressions.
 
-Both arrive as Celery tasks on the `ingest` queue, sent by serve with publisher confirms.
-Inserts skip rows already stored (feedback by `event_id`, impressions by request and
-position), so a redelivered task stores nothing twice; while Postgres is down the task
-retries and its message stays on the queue, so an accepted event is never dropped.
+Both arrive as Celery tasks on the `ingest` queue, sent by serve with publisher confirms
+(feedback also from serve's outbox, after a broker outage). Inserts skip rows already
+stored (feedback by `event_id`, which the client may choose; impressions by request and
+position), so a redelivered task, an event shipped twice or a client's retry stores
+nothing twice; while Postgres is down the task retries and its message stays on the
+queue, so an accepted event is never dropped.
 """
 
 from __future__ import annotations

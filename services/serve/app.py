@@ -15,6 +15,7 @@ from fastapi import (
     Body,
     Depends,
     FastAPI,
+    Header,
     HTTPException,
     Path,
     Query,
@@ -36,6 +37,7 @@ from services.serve.online import OnlineCollector, latest_windows
 from services.serve.recommend import ListRequest, NoModel, UnknownItem
 from services.serve.runtime import ServeRuntime
 from services.serve.schemas import (
+    IDEMPOTENCY_KEY_PATTERN,
     MAX_FEEDBACK_BATCH,
     MAX_ID,
     MAX_K,
@@ -43,6 +45,7 @@ from services.serve.schemas import (
     AliasMove,
     FeedbackAccepted,
     FeedbackBatch,
+    FeedbackRefused,
     Health,
     ListQuery,
     ModelInfo,
@@ -142,14 +145,29 @@ def popular(request: Request, k: K = 10, offset: Offset = 0, genres: Genres = No
     return Response(body, media_type=JSON)
 
 
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", pattern=IDEMPOTENCY_KEY_PATTERN,
+    description="Makes the request safe to retry: an event without its own event_id gets "
+    "an id derived from this key and its position in the body, so posting the same body "
+    "with the same key again stores nothing twice.")]
+
+
 @router.post("/feedback", status_code=202, response_model=FeedbackAccepted,
              responses={**GUARDED, **TOO_LARGE, **INVALID, 503: {
-                 "model": Problem, "description": "The broker did not confirm; retry."}},
+                 "model": FeedbackRefused, "description": "Neither the broker nor the "
+                 "outbox took the events: they may have been stored; retry with the same "
+                 "event ids (or Idempotency-Key), which stores each event once."}},
              dependencies=[Depends(require_feedback_key)], tags=["feedback"])
-async def feedback(request: Request, events: FeedbackBody) -> FeedbackAccepted:
-    """Accept events once RabbitMQ has confirmed them; the ingest service stores them."""
+async def feedback(request: Request, events: FeedbackBody,
+                   idempotency_key: IdempotencyKey = None) -> FeedbackAccepted:
+    """Accept events once they are durable (confirmed by RabbitMQ, or in this replica's
+    outbox while the broker is down); the ingest service stores each event id once."""
     batch = events if isinstance(events, list) else [events]
-    ids = await accept_feedback(batch, runtime_of(request).feedback)
+    try:
+        ids = await accept_feedback(batch, runtime_of(request).feedback, idempotency_key)
+    except ValueError as error:  # an event id given twice in the body
+        raise RequestValidationError([{"loc": ("body", "event_id"), "msg": str(error),
+                                       "type": "value_error"}]) from None
     return FeedbackAccepted(accepted=len(ids), event_ids=ids)
 
 
@@ -256,6 +274,11 @@ def _problem(status: int) -> Any:
     return handler
 
 
+async def _feedback_refused(_request: Request, error: Exception) -> JSONResponse:
+    ids = error.event_ids if isinstance(error, FeedbackUnavailable) else []
+    return JSONResponse({"detail": str(error), "event_ids": ids}, status_code=503)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The serve application for `settings` (the settings in force when omitted)."""
     settings = settings or get_settings()
@@ -280,9 +303,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(admin_router)
     for error, status in ((NoModel, 503), (UnknownItem, 404), (admin.NotFound, 404),
-                          (admin.AdminError, 409), (admin.Unavailable, 503),
-                          (FeedbackUnavailable, 503)):
+                          (admin.AdminError, 409), (admin.Unavailable, 503)):
         app.add_exception_handler(error, _problem(status))
+    app.add_exception_handler(FeedbackUnavailable, _feedback_refused)
     # Innermost of the middleware, so CORS headers, the body limit and the metrics apply
     # to what it answers as to everything else.
     app.add_middleware(PlainListPath, runtime=runtime, route=next(
@@ -290,7 +313,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"],
-                           allow_headers=["X-API-Key", "Content-Type"],
+                           allow_headers=["X-API-Key", "Content-Type", "Idempotency-Key"],
                            expose_headers=["X-Request-ID"])
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)  # outermost: it times and counts even a 413

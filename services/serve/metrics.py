@@ -36,6 +36,9 @@ SERVED = Counter("recsys_serve_lists_total", "Recommendation lists served by sou
                  ["source", "variant"])
 FEEDBACK = Counter("recsys_serve_feedback_accepted_total", "Feedback events accepted (durably "
                    "queued) by type.", ["type"])
+FEEDBACK_OUTBOX = Counter("recsys_serve_feedback_outbox_events_total", "Feedback events "
+                          "kept in the outbox while the broker was down, and shipped from it "
+                          "once confirmed.", ["action"])
 IMPRESSIONS = Counter("recsys_serve_impression_lists_total", "Served lists handed to the "
                       "ingest service (sent), or dropped when the buffer overflowed.",
                       ["outcome"])

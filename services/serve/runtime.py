@@ -16,6 +16,7 @@ from services.serve.feedback import FeedbackPublisher, send_to_ingest
 from services.serve.history import HistoryReader, serve_engine
 from services.serve.impressions import ImpressionLogger
 from services.serve.models import ModelStore
+from services.serve.outbox import OUTBOX_FILE, FeedbackOutbox
 from services.serve.recommend import RecommendationService
 from services.serve.schemas import Dependency, Readiness
 from shared.events import InProcessEventBus, get_event_bus
@@ -54,7 +55,13 @@ class ServeRuntime:
         self.impressions = ImpressionLogger(
             lambda lists: send_to_ingest("ingest.impressions", "lists", lists),
             settings.impression_flush_seconds, settings.impression_batch)
-        self.feedback = FeedbackPublisher(self.cache, settings.feedback_implicit_rating)
+        # With a broker, feedback it cannot confirm waits in this replica's outbox (one
+        # file under DATA_PATH shared by the replica's worker processes).
+        self.outbox = (FeedbackOutbox(settings.data_path.resolve() / OUTBOX_FILE)
+                       if settings.broker_url else None)
+        self.feedback = FeedbackPublisher(self.cache, settings.feedback_implicit_rating,
+                                          outbox=self.outbox,
+                                          confirm_seconds=settings.feedback_confirm_seconds)
         self.service = RecommendationService(self.store, self.cache, self.history,
                                              self.impressions, settings.cache_prefix)
         self.listener: PromotionListener | None = None
@@ -117,7 +124,13 @@ class ServeRuntime:
                 connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0,
                                              timeout=1.0)
         except Exception as error:  # any failure means "unreachable"; the detail says which
-            return Dependency(ok=False, detail=f"RabbitMQ unreachable: {error}")
+            kept = ""
+            if self.outbox is not None:
+                try:
+                    kept = f"; {self.outbox.pending()} feedback events wait in the outbox"
+                except Exception as outbox_error:  # the detail is best effort
+                    kept = f"; outbox unreadable: {outbox_error}"
+            return Dependency(ok=False, detail=f"RabbitMQ unreachable: {error}{kept}")
         events = ("subscribed to model.promoted" if self.listener and
                   self.listener.subscribed.is_set() else
                   "pinned: not following model.promoted" if self.pinned else

@@ -30,6 +30,9 @@ Alias = Literal["champion", "challenger"]
 # Request ids travel into Postgres via the ingest worker, which retries forever: refuse
 # anything (NUL bytes, odd unicode) that could make such a message a poison pill.
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+# Event ids go the same way, and are the key that stores an event once.
+EVENT_ID_PATTERN = REQUEST_ID_PATTERN
+IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 
 
 # Request bodies refuse unknown keys, and NaN or infinite numbers in any field (Python's
@@ -87,6 +90,13 @@ class FeedbackIn(BaseModel):
 
     model_config = REQUEST_BODY
 
+    event_id: str | None = Field(
+        None, pattern=EVENT_ID_PATTERN,
+        description="The client's id of this event (a UUID, say): the event is stored once "
+        "however often it is posted, so a retry with the same id is safe. Without one, "
+        "serve derives it from the Idempotency-Key header and the event's position, or "
+        "assigns a new one.",
+    )
     user_id: int = Field(ge=1, le=MAX_ID)
     movie_id: int = Field(ge=1, le=MAX_ID)
     type: FeedbackType
@@ -150,8 +160,15 @@ FeedbackBatch = Annotated[
 
 
 class FeedbackAccepted(BaseModel):
-    accepted: int = Field(description="Events now durably queued for persistence.")
+    accepted: int = Field(description="Events now durably queued for persistence: each will "
+                          "be stored exactly once.")
     event_ids: list[str]
+
+
+class FeedbackRefused(BaseModel):
+    detail: str
+    event_ids: list[str] = Field(description="The ids the events had: they may have been "
+                                 "stored, and a retry with these ids stores each once.")
 
 
 class ModelInfo(BaseModel):

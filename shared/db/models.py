@@ -196,8 +196,9 @@ class AliasChange(Base):
 class Feedback(Base):
     """A user's reaction to a movie, posted to serve and persisted by the ingest service.
 
-    `event_id` is assigned by serve when it accepts the event, so a redelivered message
-    stores the event once."""
+    `event_id` is the client's (or derived from its Idempotency-Key, or assigned by serve
+    when it accepts the event), so a redelivered message, an event shipped again from
+    serve's outbox, or a client's retry stores the event once."""
 
     __tablename__ = "feedback"
 

@@ -249,3 +249,43 @@ def celery_worker(service: str, env: dict[str, str], folder: Path
             if worker.poll() is None:
                 os.killpg(worker.pid, signal.SIGTERM)
                 worker.wait(timeout=30)
+
+
+@contextmanager
+def serve_process(env: dict[str, str], folder: Path, workers: int = 2) -> Iterator[str]:
+    """`recsys serve --workers N` as a real process on a free loopback port, ready (a model
+    loaded), stopped after; yields its base URL."""
+    import os
+    import signal
+
+    import httpx
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    environment = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    log_path = folder / "serve.log"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{base}/readyz", timeout=2).json().get("ready") is True
+        except (httpx.HTTPError, ValueError):
+            return False
+
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [*recsys_command(), "serve", "--port", str(port), "--workers", str(workers),
+             "--log-level", "warning"], env={**environment, **env}, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: ready() or server.poll() is not None, timeout=120,
+                     what="recsys serve to be ready")
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            yield base
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGTERM)
+                try:
+                    server.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(server.pid, signal.SIGKILL)
+                    server.wait(timeout=10)

@@ -1,18 +1,25 @@
 """POST /feedback group commit on the real RabbitMQ: concurrent requests share confirmed
-messages, every accepted event is in exactly one of them, and when the broker cannot be
-reached every waiting request gets a 503 that says to retry."""
+messages, every accepted event is in exactly one of them; when the broker cannot be
+reached the events wait in the outbox (and only when that fails too, a 503 says they may
+be stored and a retry with their ids is safe). Event ids come from the client, the
+Idempotency-Key header, or serve."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from services.serve.app import create_app
+from services.serve.outbox import OUTBOX_FILE
 from shared.celery_app import ServiceQueue, app, purge_queues
+from shared.settings import get_settings
 from tests.serve.conftest import API_KEY, free_port, live_server
 
 REQUESTS = 48
@@ -62,15 +69,71 @@ def test_concurrent_requests_share_confirmed_messages(serve_env: dict[str, str])
     assert len(messages) < len(bodies), [len(events) for events in messages]
 
 
+def outbox_events(data_path: Path) -> list[dict[str, Any]]:
+    """Every event the replica's outbox file holds (read beside serve, as any process)."""
+    with closing(sqlite3.connect(data_path / OUTBOX_FILE)) as connection:
+        return [event for (events,) in connection.execute("SELECT events FROM outbox")
+                for event in json.loads(events)]
+
+
 @pytest.mark.timeout(120)
-def test_an_unreachable_broker_fails_every_waiting_request(serve_env: dict[str, str],
-                                                          use_settings) -> None:  # type: ignore[no-untyped-def]
+def test_an_unreachable_broker_leaves_feedback_in_the_outbox(serve_env: dict[str, str],
+                                                             use_settings) -> None:  # type: ignore[no-untyped-def]
+    """Without a broker, every waiting request is answered 202 from the outbox; when the
+    outbox cannot take them either, 503 says they may be stored and gives their ids."""
     use_settings(**{**serve_env, "BROKER_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}//"})
-    bodies = [{"user_id": 3, "movie_id": 1 + i, "type": "click"} for i in range(8)]
+    data_path = get_settings().data_path
+    bodies = [{"event_id": f"down-{i}", "user_id": 3, "movie_id": 1 + i, "type": "click"}
+              for i in range(8)]
     with live_server(create_app()) as base:
         responses = post_concurrently(base, bodies)
-    assert [r.status_code for r in responses] == [503] * len(bodies)
-    assert all("retry" in r.json()["detail"] for r in responses), responses[0].text
+        assert [r.status_code for r in responses] == [202] * len(bodies), responses[0].text
+        kept = outbox_events(data_path)
+        assert sorted(e["event_id"] for e in kept) == sorted(b["event_id"] for b in bodies)
+        assert {(e["user_id"], e["movie_id"], e["type"]) for e in kept} == {
+            (3, 1 + i, "click") for i in range(8)}
+        # The outbox broken too: nothing is accepted, and nothing is promised either way.
+        with closing(sqlite3.connect(data_path / OUTBOX_FILE)) as connection:
+            connection.execute("DROP TABLE outbox")
+        refused = post_concurrently(base, [{**b, "event_id": f"lost-{i}"}
+                                           for i, b in enumerate(bodies[:3])])
+    assert [r.status_code for r in refused] == [503] * 3
+    for i, response in enumerate(refused):
+        assert "may have been stored" in response.json()["detail"], response.text
+        assert "same event ids is safe" in response.json()["detail"]
+        assert "nothing was stored" not in response.json()["detail"]
+        assert response.json()["event_ids"] == [f"lost-{i}"]
+
+
+def test_event_ids_are_the_clients_or_derived_from_the_idempotency_key(
+        serve_env: dict[str, str]) -> None:
+    purge_queues(ServiceQueue.INGEST)
+    event = {"user_id": 4, "movie_id": 9, "type": "view"}
+    with live_server(create_app()) as base, httpx.Client(
+            base_url=base, headers={"X-API-Key": API_KEY}, timeout=30) as http:
+        own = http.post("/feedback", json={**event, "event_id": "client-id-1"})
+        keyed = [http.post("/feedback", json=[event, {**event, "movie_id": 10}],
+                           headers={"Idempotency-Key": "order-77"}) for _ in range(2)]
+        other_key = http.post("/feedback", json=[event], headers={"Idempotency-Key": "order-78"})
+        plain = [http.post("/feedback", json=event) for _ in range(2)]
+        twice = http.post("/feedback", json=[{**event, "event_id": "same"},
+                                             {**event, "movie_id": 10, "event_id": "same"}])
+        bad_id = http.post("/feedback", json={**event, "event_id": "no spaces"})
+        bad_key = http.post("/feedback", json=event, headers={"Idempotency-Key": "a b"})
+    assert own.status_code == 202 and own.json()["event_ids"] == ["client-id-1"]
+    assert [r.status_code for r in keyed] == [202, 202]
+    assert keyed[0].json()["event_ids"] == keyed[1].json()["event_ids"]
+    assert len(set(keyed[0].json()["event_ids"])) == 2
+    assert other_key.json()["event_ids"][0] not in keyed[0].json()["event_ids"]
+    assert plain[0].json()["event_ids"] != plain[1].json()["event_ids"]
+    assert twice.status_code == 422 and "'same' appears more than once" in twice.text
+    assert bad_id.status_code == 422 and "event_id" in bad_id.text
+    assert bad_key.status_code == 422 and "Idempotency-Key" in bad_key.text
+    published = [e["event_id"] for events in feedback_messages() for e in events]
+    assert sorted(published) == sorted(
+        ["client-id-1", *keyed[0].json()["event_ids"], *keyed[1].json()["event_ids"],
+         *other_key.json()["event_ids"], *plain[0].json()["event_ids"],
+         *plain[1].json()["event_ids"]])
 
 
 def test_a_request_gone_before_its_group_formed_is_not_published(serve_env: dict[str, str]
