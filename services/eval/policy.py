@@ -2,10 +2,13 @@
 
 Rules: enough new feedback since the champion's snapshot, or the champion's online CTR
 below its own baseline by RETRAIN_CTR_MARGIN for RETRAIN_LOW_WINDOWS windows in a row.
-Firing takes a lock in Postgres with an expiry, so one retrain runs at a time however
-many events fire; the chain's last link releases it. Every decision that fires, or is
-held back by the lock, is recorded with its reason. With ROLLBACK_AUTO, a new champion
-whose CTR falls below the previous champion's by ROLLBACK_CTR_MARGIN is rolled back.
+Firing takes the one retrain lock (shared/retrain.py, also taken by `POST /retrain` and
+`recsys pipeline`), so one retrain runs at a time however many events fire; the chain
+gives it back when it ends. Every decision that fires, or is held back by the lock, is
+recorded with its reason; held-back ones add to one row per rule and running retrain.
+With ROLLBACK_AUTO, a new champion whose CTR falls below the previous champion's by
+ROLLBACK_CTR_MARGIN is rolled back. As a consumer (`recsys policy`) it handles each event
+once and reconnects with backoff when RabbitMQ or Postgres drops.
 """
 
 from __future__ import annotations
