@@ -2,7 +2,8 @@
 
 ingest.load -> transform.snapshot -> train.tune -> registry.register -> eval.offline ->
 registry.promote_if_better. Each stage's result is the next one's first argument; with
-no broker the chain runs eagerly in this process.
+no broker the chain runs eagerly in this process. A chain with the train stage is a
+retrain and runs under the one retrain lock (shared/retrain.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy import select
 from shared.celery_app import app, import_tasks, queue_of, task_available
 from shared.db import Snapshot, session_scope
 from shared.errors import RecsysError
+from shared.retrain import lock_retrain, run_retrain_here, send_retrain
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,16 @@ def run_pipeline(stages: str | None = None, stage: str | None = None,
     chosen = select_stages(stages, stage)
     clock = time.perf_counter()
     workflow = build_chain(chosen, options)
-    result = workflow.apply() if app.conf.task_always_eager else workflow.apply_async()
+    if not any(s.name == "train" for s in chosen):
+        result = workflow.apply() if app.conf.task_always_eager else workflow.apply_async()
+    elif app.conf.task_always_eager:
+        result = run_retrain_here(lock_retrain(workflow, "pipeline"))
+    else:
+        # A chain that trains is a retrain: it takes the one retrain lock (RetrainRunning
+        # while another runs) and its last link gives it back; wait for that link too.
+        result = send_retrain(lock_retrain(workflow, "pipeline"))
+        result.get(timeout=timeout, propagate=True)
+        result = result.parent
     outputs = results_by_stage(result, chosen, timeout)
     summary: dict[str, Any] = {"stages": [s.name for s in chosen]}
     if "ingest" in outputs:

@@ -277,6 +277,13 @@ class EvaluationSettings(BaseSettings):
     retrain_lock_seconds: int = Field(
         3600, ge=10, description="Expiry of the lock that keeps retrains one at a time."
     )
+    policy_reconnect_seconds: float = Field(
+        1.0, gt=0, description="First wait of `recsys policy` before reconnecting to RabbitMQ "
+        "or Postgres; it doubles on each failed attempt ...",
+    )
+    policy_reconnect_max_seconds: float = Field(
+        30.0, gt=0, description="... up to this many seconds."
+    )
     ab_alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the A/B "
                             "z-test on CTR.")
     ab_power: float = Field(0.8, gt=0, lt=1, description="Power the A/B minimum sample is "

@@ -2,88 +2,132 @@
 
 Rules: enough new feedback since the champion's snapshot, or the champion's online CTR
 below its own baseline by RETRAIN_CTR_MARGIN for RETRAIN_LOW_WINDOWS windows in a row.
-Firing takes a lock in Postgres with an expiry, so one retrain runs at a time however
-many events fire; the chain's last link releases it. Every decision that fires, or is
-held back by the lock, is recorded with its reason. With ROLLBACK_AUTO, a new champion
-whose CTR falls below the previous champion's by ROLLBACK_CTR_MARGIN is rolled back.
+Firing takes the one retrain lock (shared/retrain.py, also taken by `POST /retrain` and
+`recsys pipeline`), so one retrain runs at a time however many events fire; the chain
+gives it back when it ends. Every decision that fires, or is held back by the lock, is
+recorded with its reason; held-back ones add to one row per rule and running retrain.
+With ROLLBACK_AUTO, a new champion whose CTR falls below the previous champion's by
+ROLLBACK_CTR_MARGIN is rolled back. As a consumer (`recsys policy`) it handles each event
+once and reconnects with backoff when RabbitMQ or Postgres drops.
 """
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import logging
 import os
-import uuid
+import random
+import time
 from typing import Any
 
-import sqlalchemy.exc
+import pika.exceptions
 from celery import chain
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
 
-from shared.celery_app import app, queue_of
+from shared import retrain
+from shared.celery_app import TRANSIENT_ERRORS, app, queue_of
 from shared.db import (
     AliasChange,
     Feedback,
     ModelAlias,
     ModelVersion,
     OnlineMetric,
-    PolicyLock,
     RetrainDecision,
     Snapshot,
+    TaskKey,
     session_scope,
 )
 from shared.events import Event
+from shared.retrain import RetrainRunning, lock_retrain, run_retrain_here, send_retrain
 from shared.settings import get_settings
 
 log = logging.getLogger(__name__)
-LOCK = "retrain"
+LOCK = retrain.LOCK
 MODEL_NAME = "recsys"
 RETRAIN_STAGES = ("transform.snapshot", "train.tune", "registry.register", "eval.offline",
                   "registry.promote_if_better")
+PATTERNS = ("metrics.online", "feedback.received")
+# Handled events are remembered (as idempotency keys) so a redelivered one is not counted
+# twice; a redelivery comes within minutes of the first delivery, a day is ample.
+EVENT_KEY = "policy.event"
+EVENT_KEY_DAYS = 1
+# What a lost connection raises: the consumer reconnects on these and on nothing else.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    pika.exceptions.AMQPError, OSError, *TRANSIENT_ERRORS)
+
+_handling: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "policy_event", default=None)
+_pruned_at = 0.0
+
+
+class AlreadyHandled(Exception):
+    """The event was handled before (a redelivery): nothing more is written for it."""
 
 
 def acquire_lock(holder: str, seconds: int, name: str = LOCK) -> bool:
     """Take the lock if it is free or expired; False when someone else holds it."""
-    now = dt.datetime.now(dt.UTC)
-    with session_scope() as session:
-        taken = session.execute(
-            update(PolicyLock).where(PolicyLock.name == name, PolicyLock.expires_at < now)
-            .values(holder=holder, acquired_at=now,
-                    expires_at=now + dt.timedelta(seconds=seconds))).rowcount
-        if taken:
-            return True
-        if session.get(PolicyLock, name) is not None:
-            return False
-    try:
-        with session_scope() as session:
-            session.add(PolicyLock(name=name, holder=holder, acquired_at=now,
-                                   expires_at=now + dt.timedelta(seconds=seconds)))
-        return True
-    except sqlalchemy.exc.IntegrityError:  # a concurrent first holder inserted the row
-        return False
+    return retrain.acquire_lock(holder, seconds, name)
 
 
 def release_lock(holder: str, name: str = LOCK) -> bool:
-    with session_scope() as session:
-        return bool(session.execute(delete(PolicyLock).where(
-            PolicyLock.name == name, PolicyLock.holder == holder)).rowcount)
+    return retrain.release_lock(holder, name)
+
+
+def _insert(session: Session) -> Any:
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" \
+        else sqlite.insert
+
+
+def _claim(session: Session, strict: bool = True) -> None:
+    """Mark the event being handled as handled, in `session`'s transaction.
+
+    strict: raise AlreadyHandled when another delivery of it got there first."""
+    event_id = _handling.get()
+    if event_id is None:
+        return
+    inserted = session.execute(_insert(session)(TaskKey).values(
+        key=f"{EVENT_KEY}:{event_id}", task_name=EVENT_KEY, result={})
+        .on_conflict_do_nothing(index_elements=["key"])).rowcount
+    if strict and not inserted:
+        raise AlreadyHandled(event_id)
+
+
+def _write(session: Session, rule: str, fired: bool, action: str, reason: str,
+           task_id: str | None, held_by: str | None, details: dict[str, Any]
+           ) -> dict[str, Any]:
+    """One decision row; a held-back one adds to its rule's row for the running retrain."""
+    now = dt.datetime.now(dt.UTC)
+    values = {"rule": rule, "fired": fired, "action": action, "reason": reason,
+              "task_id": task_id, "details": details, "held_by": held_by,
+              "created_at": now, "last_at": now, "count": 1}
+    statement = _insert(session)(RetrainDecision).values(**values)
+    if held_by is not None:
+        statement = statement.on_conflict_do_update(
+            index_elements=["rule", "action", "held_by"],
+            index_where=RetrainDecision.held_by.is_not(None),
+            set_={"count": RetrainDecision.count + 1, "last_at": now, "reason": reason,
+                  "details": details})
+    decision_id, count = session.execute(statement.returning(
+        RetrainDecision.id, RetrainDecision.count)).one()
+    _claim(session)
+    return {"id": decision_id, "rule": rule, "fired": fired, "action": action,
+            "reason": reason, "task_id": task_id, "count": count, **details}
 
 
 def _record(rule: str, fired: bool, action: str, reason: str, task_id: str | None = None,
-            **details: Any) -> dict[str, Any]:
-    row = RetrainDecision(rule=rule, fired=fired, action=action, reason=reason,
-                          task_id=task_id, details=details)
+            held_by: str | None = None, **details: Any) -> dict[str, Any]:
     with session_scope() as session:
-        session.add(row)
-        session.flush()
-        decision_id = row.id
-    log.info("policy %s: %s (%s)", rule, action if fired else "held back", reason)
-    return {"id": decision_id, "rule": rule, "fired": fired, "action": action,
-            "reason": reason, "task_id": task_id, **details}
+        decision = _write(session, rule, fired, action, reason, task_id, held_by, details)
+    if fired or decision["count"] == 1:
+        log.info("policy %s: %s (%s)", rule, action if fired else "held back", reason)
+    return decision
 
 
-def enqueue_retrain(holder: str, protocol: str | None = None) -> str:
-    """The retrain chain across the service queues; its last link releases the lock."""
+def retrain_chain(protocol: str | None = None) -> Any:
+    """transform -> train -> register -> eval -> promote-if-better, across the queues."""
     settings = get_settings()
     options = {
         "transform.snapshot": {"protocol": protocol},
@@ -91,37 +135,63 @@ def enqueue_retrain(holder: str, protocol: str | None = None) -> str:
                                       if a.strip()] or None,
                        "n_trials": settings.retrain_trials or None},
     }
-    signatures = [app.signature(name, queue=queue_of(name), kwargs=options.get(name, {}))
-                  for name in RETRAIN_STAGES]
-    signatures.append(app.signature("eval.release_lock", kwargs={"holder": holder},
-                                    queue="eval", immutable=True))
-    workflow = chain(*signatures)
-    # A failed stage must not keep the lock until it expires.
-    workflow.link_error(app.signature("eval.release_lock", kwargs={"holder": holder},
-                                      queue="eval", immutable=True))
-    result = workflow.apply() if app.conf.task_always_eager else workflow.apply_async()
-    return str(result.id)
+    return chain(*[app.signature(name, queue=queue_of(name), kwargs=options.get(name, {}))
+                   for name in RETRAIN_STAGES])
+
+
+def enqueue_retrain(holder: str, protocol: str | None = None) -> str:
+    """The retrain chain for a lock `holder` already took; its last link releases it."""
+    if app.conf.task_always_eager:
+        try:
+            return str(retrain_chain(protocol).apply().id)
+        finally:
+            release_lock(holder)
+    return str(retrain.releasing(retrain_chain(protocol), holder).apply_async().id)
 
 
 def fire(rule: str, reason: str, **details: Any) -> dict[str, Any]:
-    settings = get_settings()
-    holder = f"{rule}-{uuid.uuid4().hex[:12]}"
-    if not acquire_lock(holder, settings.retrain_lock_seconds):
-        with session_scope() as session:
-            lock = session.get(PolicyLock, LOCK)
-            held = f"{lock.holder} until {lock.expires_at:%H:%M:%S}" if lock else "another run"
-        return _record(rule, False, "retrain", f"{reason}; a retrain is already running "
-                       f"(lock held by {held})", **details)
-    decision = _record(rule, True, "retrain", reason, task_id=None, holder=holder, **details)
+    """Start a retrain under the lock, or record that one already running held it back."""
+    decision: dict[str, Any] = {}
+
+    def record(session: Session, holder: str, task_id: str | None) -> None:
+        decision.update(_write(session, rule, True, "retrain", reason, task_id, None,
+                               {"holder": holder, **details}))
+
     try:
-        task_id = enqueue_retrain(holder)
-    except Exception:
-        release_lock(holder)
+        locked = lock_retrain(retrain_chain(), rule, record)
+    except RetrainRunning as refused:
+        running = refused.running
+        return _record(rule, False, "retrain", f"{reason}; a retrain is already running "
+                       f"(lock held by {running.holder} until {running.expires_at:%H:%M:%S}, "
+                       f"task {running.task_id or 'in-process'})", held_by=running.holder,
+                       **details)
+    log.info("policy %s: retrain (%s)", rule, reason)
+    if app.conf.task_always_eager:
+        task_id = str(run_retrain_here(locked).id)
+        with session_scope() as session:
+            session.execute(update(RetrainDecision).where(RetrainDecision.id == decision["id"])
+                            .values(task_id=task_id))
+        return {**decision, "task_id": task_id}
+    try:
+        send_retrain(locked)
+    except BaseException as error:
+        _unfire(decision["id"], error)
         raise
+    return decision
+
+
+def _unfire(decision_id: int, error: BaseException) -> None:
+    """The chain could not be queued: the decision says so and the event is handled again
+    on redelivery (the lock was given back already)."""
     with session_scope() as session:
-        session.execute(update(RetrainDecision).where(RetrainDecision.id == decision["id"])
-                        .values(task_id=task_id))
-    return {**decision, "task_id": task_id}
+        row = session.get(RetrainDecision, decision_id)
+        if row is not None:
+            row.fired = False
+            row.reason = (f"{row.reason}; the retrain chain could not be queued "
+                          f"({type(error).__name__}: {error})")
+        event_id = _handling.get()
+        if event_id is not None:
+            session.execute(delete(TaskKey).where(TaskKey.key == f"{EVENT_KEY}:{event_id}"))
 
 
 def _last_fired(rule: str) -> dt.datetime | None:
@@ -248,8 +318,28 @@ def ab_rule() -> dict[str, Any] | None:
                    p_value=status["p_value"])
 
 
+def _handled_before(event_id: str) -> bool:
+    with session_scope() as session:
+        return session.get(TaskKey, f"{EVENT_KEY}:{event_id}") is not None
+
+
+def _prune_event_keys() -> None:
+    """Forget handled events older than EVENT_KEY_DAYS, at most once an hour per process."""
+    global _pruned_at
+    if time.monotonic() - _pruned_at < 3600:
+        return
+    before = dt.datetime.now(dt.UTC) - dt.timedelta(days=EVENT_KEY_DAYS)
+    with session_scope() as session:
+        session.execute(delete(TaskKey).where(TaskKey.task_name == EVENT_KEY,
+                                              TaskKey.created_at < before))
+    _pruned_at = time.monotonic()
+
+
 def handle(event: Event) -> list[dict[str, Any]]:
-    """Apply the rules an event can change; returns the decisions that were taken."""
+    """Apply the rules an event can change; returns the decisions that were taken.
+
+    An event is handled once: a redelivery of one already handled (the connection dropped
+    before its ack) changes nothing, so no decision or held-back count is doubled."""
     if event.type == "feedback.received":
         rules = [new_feedback_rule]
     elif event.type == "metrics.online":
@@ -257,21 +347,75 @@ def handle(event: Event) -> list[dict[str, Any]]:
         rules = [rollback_rule, ab_rule, ctr_drop_rule, new_feedback_rule]
     else:
         return []
+    if _handled_before(event.id):
+        log.info("policy: event %s (%s) was handled already; skipped", event.id, event.type)
+        return []
+    token = _handling.set(event.id)
     decisions = []
-    for rule in rules:
-        decision = rule()
-        if decision is not None:
-            decisions.append(decision)
-            break  # one action per event: a rollback makes a retrain decision moot
+    try:
+        for rule in rules:
+            decision = rule()
+            if decision is not None:
+                decisions.append(decision)
+                break  # one action per event: a rollback makes a retrain decision moot
+        with session_scope() as session:
+            _claim(session, strict=False)  # a decision written above claimed it already
+    except AlreadyHandled:
+        log.info("policy: event %s (%s) was handled by another delivery; skipped",
+                 event.id, event.type)
+        return []
+    finally:
+        _handling.reset(token)
+    _prune_event_keys()
     return decisions
 
 
+class Backoff:
+    """Bounded exponential delays with seeded jitter: base, 2 base, 4 base, ... up to cap,
+    each drawn from its upper half so that several processes do not retry in step."""
+
+    def __init__(self, base: float, cap: float, seed: int) -> None:
+        self.base, self.cap = base, cap
+        self.attempt = 0
+        self._random = random.Random(seed)
+
+    def next(self) -> float:
+        ceiling = min(self.cap, self.base * 2 ** self.attempt)
+        self.attempt += 1
+        return ceiling / 2 + self._random.uniform(0, ceiling / 2)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
 def consume_forever(queue: str = "eval.policy") -> None:
-    """Run the policy as a consumer of the event bus (`recsys policy`)."""
+    """Run the policy as a consumer of the event bus (`recsys policy`).
+
+    A lost RabbitMQ or Postgres connection does not end it: it closes the connection,
+    waits (POLICY_RECONNECT_SECONDS doubling up to POLICY_RECONNECT_MAX_SECONDS, jittered
+    with SEED and the pid) and consumes again. Events are acked only once handled, so one
+    in flight is redelivered, and `handle` skips one it has handled already."""
     from shared.events import PikaEventBus
 
     settings = get_settings()
     bus = PikaEventBus(settings.broker_url, settings.event_exchange)
-    log.info("retrain policy listening on %s (pid %s)", queue, os.getpid())
+    backoff = Backoff(settings.policy_reconnect_seconds, settings.policy_reconnect_max_seconds,
+                      seed=settings.seed + os.getpid())
+
+    def handle_and_settle(event: Event) -> None:
+        handle(event)
+        backoff.reset()  # a handled event: the next failure starts the delays afresh
+
     while True:
-        bus.consume(queue, ["metrics.online", "feedback.received"], handle)
+        try:
+            bus.declare_queue(queue, PATTERNS)
+            log.info("retrain policy listening on %s (pid %s)%s", queue, os.getpid(),
+                     f" after {backoff.attempt} reconnect attempts" if backoff.attempt else "")
+            bus.consume(queue, PATTERNS, handle_and_settle)
+        except CONNECTION_ERRORS as error:
+            bus.close()
+            delay = backoff.next()
+            log.warning("retrain policy lost a connection (%s: %s); reconnecting in %.1f s "
+                        "(attempt %d)", type(error).__name__, str(error).strip()[:300],
+                        delay, backoff.attempt)
+            time.sleep(delay)

@@ -38,5 +38,6 @@ def online(self: Any, window_seconds: int | None = None) -> dict[str, Any]:
 
 @service_task("eval.release_lock")
 def release(self: Any, holder: str) -> dict[str, Any]:
-    """The retrain chain's last link: let the policy start the next retrain."""
+    """The retrain chain's last link and every link's error callback: give the retrain lock
+    back, so the next retrain (API, policy or pipeline) may start."""
     return {"holder": holder, "released": release_lock(holder)}

@@ -14,6 +14,7 @@ import celery.exceptions
 import kombu.exceptions
 import redis
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from services.serve.models import MODEL_NAME
@@ -21,6 +22,7 @@ from services.serve.schemas import AliasMove, ModelInfo, RetrainIn, RetrainQueue
 from shared.celery_app import app, run_task
 from shared.db import ModelAlias, ModelVersion
 from shared.errors import RecsysError
+from shared.retrain import lock_retrain, run_retrain_here, send_retrain
 
 RETRAIN_STAGES = "transform,train,register,evaluate,promote"
 
@@ -113,7 +115,8 @@ def move_alias(task: str, kwargs: dict[str, Any], timeout: float) -> AliasMove:
 
 
 def enqueue_retrain(options: RetrainIn) -> RetrainQueued:
-    """Queue the chain transform -> train -> register -> evaluate -> promote."""
+    """Queue the chain transform -> train -> register -> evaluate -> promote under the one
+    retrain lock; RetrainRunning (409) when a retrain runs already, from anywhere."""
     from shared.pipeline import build_chain, select_stages  # imports every service's tasks
 
     chosen = select_stages(RETRAIN_STAGES, None)
@@ -121,12 +124,18 @@ def enqueue_retrain(options: RetrainIn) -> RetrainQueued:
         "protocol": options.protocol.value if options.protocol else None,
         "algorithms": options.algorithms, "trials": options.trials})
     stages = [s.name for s in chosen]
+    try:
+        locked = lock_retrain(workflow, "api")
+    except SQLAlchemyError as error:
+        raise Unavailable(f"the retrain lock could not be taken (database: "
+                          f"{type(error).__name__})") from None
     if app.conf.task_always_eager:
         # Embedded: the chain runs here; a thread keeps the request from waiting minutes.
-        threading.Thread(target=workflow.apply, name="serve-retrain", daemon=True).start()
+        threading.Thread(target=run_retrain_here, args=(locked,), name="serve-retrain",
+                         daemon=True).start()
         return RetrainQueued(task_id=None, stages=stages, status="running")
     try:
-        task_id = workflow.apply_async().id
+        send_retrain(locked)  # gives the lock back if the chain cannot be sent
     except INFRA_ERRORS as error:
         raise Unavailable(f"the retrain chain could not be queued: {error}") from None
-    return RetrainQueued(task_id=task_id, stages=stages, status="queued")
+    return RetrainQueued(task_id=locked.task_id, stages=stages, status="queued")

@@ -56,6 +56,7 @@ from services.serve.schemas import (
     PromoteIn,
     Readiness,
     RecommendationList,
+    RetrainConflict,
     RetrainIn,
     RetrainQueued,
     RollbackIn,
@@ -64,6 +65,7 @@ from services.serve.schemas import (
 from services.serve.security import BodySizeLimit, require_api_key, require_feedback_key
 from services.serve.validation import INVALID, JSONBodyRoute, request_validation_handler
 from shared.celery_app import configure_app
+from shared.retrain import RetrainRunning
 from shared.settings import Settings, get_settings
 
 ADMIN_TIMEOUT = 30.0  # seconds an alias move waits for the registry worker
@@ -225,9 +227,13 @@ def rollback(request: Request, response: Response,
 
 
 @admin_router.post("/retrain", status_code=202, response_model=RetrainQueued,
-                   responses={**TOO_LARGE, 503: {"model": Problem}})
+                   responses={**TOO_LARGE, 409: {
+                       "model": RetrainConflict, "description": "A retrain is running "
+                       "already (started by the API, the policy or the CLI); nothing queued."},
+                       503: {"model": Problem}})
 def retrain(body: Annotated[RetrainIn | None, Body()] = None) -> RetrainQueued:
-    """Queue transform -> train -> register -> evaluate -> promote on the workers."""
+    """Queue transform -> train -> register -> evaluate -> promote on the workers, one
+    retrain at a time: 409 naming the running one while it lasts."""
     return admin.enqueue_retrain(body or RetrainIn())
 
 
@@ -279,6 +285,11 @@ async def _feedback_refused(_request: Request, error: Exception) -> JSONResponse
     return JSONResponse({"detail": str(error), "event_ids": ids}, status_code=503)
 
 
+async def _retrain_running(_request: Request, error: Exception) -> JSONResponse:
+    running = error.running.as_dict() if isinstance(error, RetrainRunning) else None
+    return JSONResponse({"detail": str(error), "running": running}, status_code=409)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The serve application for `settings` (the settings in force when omitted)."""
     settings = settings or get_settings()
@@ -306,6 +317,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                           (admin.AdminError, 409), (admin.Unavailable, 503)):
         app.add_exception_handler(error, _problem(status))
     app.add_exception_handler(FeedbackUnavailable, _feedback_refused)
+    app.add_exception_handler(RetrainRunning, _retrain_running)
     # Innermost of the middleware, so CORS headers, the body limit and the metrics apply
     # to what it answers as to everything else.
     app.add_middleware(PlainListPath, runtime=runtime, route=next(

@@ -243,6 +243,20 @@ class RetrainQueued(BaseModel):
     status: Literal["queued", "running"]
 
 
+class RunningRetrain(BaseModel):
+    task_id: str | None = Field(description="Id of the running chain's last task (None when "
+                                "it runs in-process, embedded mode).")
+    holder: str = Field(description="Who started it: `api-...`, `pipeline-...`, or the "
+                        "policy rule (`new_feedback-...`, `ctr_drop-...`).")
+    since: str = Field(description="When it took the lock (ISO 8601, UTC).")
+    expires_at: str = Field(description="When the lock expires if the chain never ends.")
+
+
+class RetrainConflict(BaseModel):
+    detail: str
+    running: RunningRetrain
+
+
 class Health(BaseModel):
     status: Literal["ok"]
 

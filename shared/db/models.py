@@ -12,12 +12,14 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -257,9 +259,18 @@ class OnlineMetric(Base):
 
 
 class RetrainDecision(Base):
-    """What the retrain policy decided on an event, and why."""
+    """What the retrain policy decided on an event, and why.
+
+    A retrain held back because another one runs is one row per rule and running retrain
+    (`held_by`, that retrain's lock holder): `count` events, the first at `created_at`,
+    the last at `last_at`. Every other decision is a row of its own (`count` 1)."""
 
     __tablename__ = "retrain_decision"
+    __table_args__ = (
+        Index("uq_retrain_decision_held", "rule", "action", "held_by", unique=True,
+              postgresql_where=text("held_by IS NOT NULL"),
+              sqlite_where=text("held_by IS NOT NULL")),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     rule: Mapped[str] = mapped_column(String(32), nullable=False)
@@ -269,6 +280,9 @@ class RetrainDecision(Base):
     task_id: Mapped[str | None] = mapped_column(String(64))
     details: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
     created_at: Mapped[dt.datetime] = _now()
+    count: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("1"))
+    last_at: Mapped[dt.datetime] = _now()
+    held_by: Mapped[str | None] = mapped_column(String(64))
 
 
 class PolicyLock(Base):
@@ -280,3 +294,4 @@ class PolicyLock(Base):
     holder: Mapped[str] = mapped_column(String(64), nullable=False)
     acquired_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    task_id: Mapped[str | None] = mapped_column(String(64))  # the chain's last task

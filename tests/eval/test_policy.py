@@ -123,3 +123,53 @@ def test_ab_winner_is_promoted_when_the_policy_allows(champion: str, use_setting
     decided = policy.handle(Event(type="metrics.online"))
     assert decided and decided[0]["rule"] == "ab_winner"
     assert policy._champion()[0] == challenger
+
+
+def test_held_back_decisions_are_one_row_per_rule_and_running_retrain(champion: str) -> None:
+    add_feedback(6)
+    assert policy.acquire_lock("api-first", 60)
+    for _ in range(5):
+        held = policy.handle(Event(type="feedback.received"))
+        assert held[0]["fired"] is False and "already running" in held[0]["reason"]
+    assert held[0]["count"] == 5
+    rows = decisions()
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row.rule, row.fired, row.count, row.held_by) == ("new_feedback", False, 5, "api-first")
+    assert row.last_at > row.created_at and row.details == {"new_feedback": 6}
+    policy.release_lock("api-first")
+    # Another running retrain is another window: a row of its own.
+    assert policy.acquire_lock("pipeline-second", 60)
+    policy.handle(Event(type="feedback.received"))
+    policy.release_lock("pipeline-second")
+    assert [(d.held_by, d.count) for d in decisions()] == [("api-first", 5),
+                                                            ("pipeline-second", 1)]
+
+
+def test_a_redelivered_event_is_handled_once(champion: str) -> None:
+    add_feedback(6)
+    assert policy.acquire_lock("someone-else", 60)
+    event = Event(type="feedback.received")
+    assert policy.handle(event)[0]["count"] == 1
+    assert policy.handle(event) == []  # the same event again: nothing counted twice
+    assert policy.handle(Event(type="feedback.received"))[0]["count"] == 2
+    policy.release_lock("someone-else")
+    fired = Event(type="feedback.received")
+    assert policy.handle(fired)[0]["fired"]
+    assert policy.handle(fired) == []
+    assert [(d.fired, d.count) for d in decisions()] == [(False, 2), (True, 1)]
+
+
+def test_the_policy_is_held_back_by_a_retrain_the_api_started(champion: str) -> None:
+    from celery import chain
+
+    from shared import retrain
+    from shared.celery_app import app
+
+    locked = retrain.lock_retrain(chain(app.signature("transform.snapshot")), "api")
+    add_feedback(6)
+    held = policy.handle(Event(type="feedback.received"))
+    assert held[0]["fired"] is False and locked.holder in held[0]["reason"]
+    with pytest.raises(retrain.RetrainRunning, match=locked.holder):
+        retrain.lock_retrain(chain(app.signature("transform.snapshot")), "api")
+    assert retrain.release_lock(locked.holder)

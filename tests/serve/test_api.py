@@ -255,3 +255,73 @@ def test_promote_and_rollback_through_a_registry_worker(
         refused = client.post("/models/rollback", json={})
         assert refused.status_code == 409
         assert "no earlier version to roll back to" in refused.json()["detail"]
+
+
+def _purge_transform_queue() -> None:
+    connection = pika.BlockingConnection(pika_parameters(celery_app.conf.broker_url))
+    try:
+        connection.channel().queue_purge("transform")
+    finally:
+        connection.close()
+
+
+def test_a_second_retrain_is_refused_while_one_runs(client: TestClient) -> None:
+    from shared import retrain
+
+    first = client.post("/retrain", json={"algorithms": ["als"], "trials": 1})
+    assert first.status_code == 202, first.text
+    task_id = first.json()["task_id"]
+    try:
+        second = client.post("/retrain", json={"algorithms": ["als"], "trials": 1})
+        assert second.status_code == 409, second.text
+        body = second.json()
+        assert body["running"]["task_id"] == task_id
+        assert body["running"]["holder"].startswith("api-") and body["running"]["since"]
+        assert task_id in body["detail"] and "already running" in body["detail"]
+        # The lock is the same one the policy takes: its retrain is held back too.
+        assert not retrain.acquire_lock("new_feedback-x", 60)
+    finally:
+        _purge_transform_queue()  # no transform worker should ever run these chains
+        running = retrain.running_retrain()
+        assert running is not None and running.task_id == task_id
+        retrain.release_lock(running.holder)  # as the chain's last link would
+    third = client.post("/retrain", json={})
+    assert third.status_code == 202 and third.json()["task_id"] != task_id
+    _purge_transform_queue()
+
+
+def test_retrain_is_refused_while_the_policy_retrains(client: TestClient) -> None:
+    from shared import retrain
+
+    assert retrain.acquire_lock("new_feedback-0123456789ab", 60, task_id="chain-of-the-policy")
+    refused = client.post("/retrain", json={})
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["running"]["holder"] == "new_feedback-0123456789ab"
+    assert refused.json()["running"]["task_id"] == "chain-of-the-policy"
+    connection = pika.BlockingConnection(pika_parameters(celery_app.conf.broker_url))
+    try:
+        waiting = connection.channel().queue_declare("transform", durable=True, passive=True)
+        assert waiting.method.message_count == 0  # nothing was queued
+    finally:
+        connection.close()
+
+
+def test_a_failed_retrain_gives_the_lock_back(client: TestClient, serve_env: dict[str, str],
+                                              tmp_path: Path) -> None:
+    from shared import retrain
+
+    # A split date after every rating: the chain's first link fails on the worker.
+    failing = {**serve_env, "EVAL_SPLIT_DATE": "2030-01-01"}
+    with celery_worker("eval", serve_env, tmp_path), \
+            celery_worker("transform", failing, tmp_path):
+        queued = client.post("/retrain", json={"protocol": "temporal"})
+        assert queued.status_code == 202, queued.text
+        running = retrain.running_retrain()
+        assert running is not None and running.task_id == queued.json()["task_id"]
+        wait_for(lambda: retrain.running_retrain() is None, timeout=120,
+                 what="the failed chain's error callback to release the lock")
+        assert celery_app.AsyncResult(queued.json()["task_id"]).state == "FAILURE"
+        again = client.post("/retrain", json={"protocol": "temporal"})
+        assert again.status_code == 202, again.text
+        wait_for(lambda: retrain.running_retrain() is None, timeout=120,
+                 what="the second failed chain to release the lock")
