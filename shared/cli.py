@@ -176,6 +176,41 @@ def pipeline(
     print_pipeline(summary)
 
 
+@app.command("bootstrap")
+def bootstrap_command(
+    source: str = typer.Option(None, "--source", help="Data source (DATA_SOURCE when "
+                               "omitted)."),
+    algorithms: str = typer.Option(None, "--algorithms", help="Comma-separated algorithms to "
+                                   "train (all when omitted)."),
+    trials: int = typer.Option(None, "--trials", min=1, help="Tuning trials per algorithm "
+                               "(each algorithm's own budget when omitted)."),
+    timeout: float = typer.Option(3600.0, "--timeout", min=1, help="Seconds to wait for the "
+                                  "pipeline (and for another bootstrap's lock)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object last."),
+) -> None:
+    """Run the whole pipeline on DATA_SOURCE when the registry has no champion; else nothing."""
+    from shared.bootstrap import bootstrap
+
+    ensure_schema()
+    source = source or get_settings().data_source
+    try:
+        with pipeline_status():
+            result = bootstrap(source, timeout, algorithms.split(",") if algorithms else None,
+                               trials, waiting=lambda: err.print(
+                                   "another bootstrap is running; waiting for it",
+                                   highlight=False))
+    except RecsysError as error:
+        fail(str(error))
+    if as_json:
+        emit_json(result)
+    elif result["status"] == "present":
+        out.print(f"champion v{result['champion']} is in the registry; nothing to do"
+                  + (" (another bootstrap made it)" if result["waited"] else ""))
+    else:
+        print_pipeline(result["pipeline"])
+        out.print(f"bootstrap: champion v{result['champion']} from {source}")
+
+
 @contextmanager
 def pipeline_status() -> Iterator[None]:
     """A live status line on a terminal: the stage, and each tuning trial as it ends."""
