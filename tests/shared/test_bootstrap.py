@@ -66,3 +66,16 @@ def test_bootstrap_trains_once_then_does_nothing(pg_url: str, ml100k: Path,
         assert (count("model_version"), count("ingest_batch")) == (versions, batches)
     finally:
         holder.close()
+
+
+def test_a_bad_source_fails_in_one_line_and_leaves_no_champion(pg_url: str, tmp_path: Path
+                                                               ) -> None:
+    missing = tmp_path / "no-such-dataset"
+    failed = start(pg_url, missing, tmp_path, "bad")
+    _, _ = failed.communicate(timeout=300)
+    stderr = (tmp_path / "bad.err").read_text().strip().splitlines()
+    assert failed.returncode == 1
+    assert len(stderr) == 1 and str(missing) in stderr[0], stderr
+    with psycopg2.connect(_admin_dsn(pg_url)) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM model_alias")
+        assert cursor.fetchone() == (0,)
