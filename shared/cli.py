@@ -33,7 +33,7 @@ out = Console() if sys.stdout.isatty() else Console(width=PLAIN_WIDTH)
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line
     raise typer.Exit(code)
 
 
@@ -43,13 +43,28 @@ def emit_json(payload: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def ensure_embedded_schema() -> None:
-    """The embedded SQLite database migrates itself; a server database is migrated by
-    `recsys db upgrade` (the compose file's one-shot migrate service)."""
+def ensure_schema(server_may_be_down: bool = False) -> None:
+    """The embedded SQLite database migrates itself; a server database must have been
+    migrated by `recsys db upgrade` (the compose file's one-shot migrate service), and a
+    command that needs it stops with one line saying so. Long-running services that ride
+    out a database outage (serve, the workers, the policy) start while it does not answer
+    (`server_may_be_down`), with a warning; a missing schema stops them too."""
     if not get_settings().database_url:
         from shared.db import migrate
 
         migrate()
+        return
+    from shared.db.session import DatabaseUnavailable, SchemaNotReady, require_schema
+
+    try:
+        require_schema()
+    except DatabaseUnavailable as error:
+        if not server_may_be_down:
+            fail(str(error))
+        err.print(f"[yellow]warning:[/] {error}; starting anyway", highlight=False,
+                  soft_wrap=True)
+    except SchemaNotReady as error:
+        fail(str(error))
 
 
 @contextmanager
@@ -77,13 +92,13 @@ def run_ingest(source: str, dataset: str | None, lenient: bool) -> dict[str, Any
     from shared.celery_app import run_task
 
     settings = get_settings()
+    ensure_schema()
     if settings.broker_url:
         with err.status(f"ingest.load queued for {source} ..."):
             return run_task("ingest.load", {"source": source, "dataset": dataset,
                                             "lenient": lenient})
     from services.ingest.ingest import ingest_source
 
-    ensure_embedded_schema()
     with byte_progress(f"ingest {source}") as bar:
         result = ingest_source(
             source, dataset, lenient,
@@ -146,7 +161,7 @@ def pipeline(
 
     if protocol and protocol not in {p.value for p in EvalProtocol}:
         fail(f"--protocol {protocol!r} is not one of random, temporal, leave-last-n", 2)
-    ensure_embedded_schema()
+    ensure_schema()
     options = {"source": source or get_settings().data_source, "protocol": protocol,
                "algorithms": algorithms.split(",") if algorithms else None, "trials": trials,
                "cv_folds": cv_folds}
@@ -161,6 +176,41 @@ def pipeline(
         emit_json(summary)
         return
     print_pipeline(summary)
+
+
+@app.command("bootstrap")
+def bootstrap_command(
+    source: str = typer.Option(None, "--source", help="Data source (DATA_SOURCE when "
+                               "omitted)."),
+    algorithms: str = typer.Option(None, "--algorithms", help="Comma-separated algorithms to "
+                                   "train (all when omitted)."),
+    trials: int = typer.Option(None, "--trials", min=1, help="Tuning trials per algorithm "
+                               "(each algorithm's own budget when omitted)."),
+    timeout: float = typer.Option(3600.0, "--timeout", min=1, help="Seconds to wait for the "
+                                  "pipeline (and for another bootstrap's lock)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object last."),
+) -> None:
+    """Run the whole pipeline on DATA_SOURCE when the registry has no champion; else nothing."""
+    from shared.bootstrap import bootstrap
+
+    ensure_schema()
+    source = source or get_settings().data_source
+    try:
+        with pipeline_status():
+            result = bootstrap(source, timeout, algorithms.split(",") if algorithms else None,
+                               trials, waiting=lambda: err.print(
+                                   "another bootstrap is running; waiting for it",
+                                   highlight=False))
+    except RecsysError as error:
+        fail(str(error))
+    if as_json:
+        emit_json(result)
+    elif result["status"] == "present":
+        out.print(f"champion v{result['champion']} is in the registry; nothing to do"
+                  + (" (another bootstrap made it)" if result["waited"] else ""))
+    else:
+        print_pipeline(result["pipeline"])
+        out.print(f"bootstrap: champion v{result['champion']} from {source}")
 
 
 @contextmanager
@@ -232,6 +282,7 @@ def worker(
     if not get_settings().broker_url:
         fail("BROKER_URL is not set: a worker needs RabbitMQ (embedded mode runs tasks "
              "in-process)", 2)
+    ensure_schema(server_may_be_down=True)
     if get_settings().worker_metrics_port:  # before the pool forks: see shared/worker_metrics
         from shared.worker_metrics import serve_worker_metrics
 
@@ -293,7 +344,7 @@ def serve(
 
     settings = get_settings()
     workers = workers or settings.serve_workers
-    ensure_embedded_schema()
+    ensure_schema(server_may_be_down=True)
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Each worker writes its metrics here and /metrics adds them up; a fresh
         # directory per start, so a dead worker's counters do not linger.

@@ -19,9 +19,9 @@ def ab_status_command(
 ) -> None:
     """Per-arm CTR since the challenger was set, the z-test and the sample it needs."""
     from services.eval.ab import ab_status, promote_winner
-    from shared.cli import emit_json, ensure_embedded_schema, out
+    from shared.cli import emit_json, ensure_schema, out
 
-    ensure_embedded_schema()
+    ensure_schema()
     status = ab_status()
     if get_settings().ab_auto_promote:
         moved = promote_winner(status)
@@ -48,9 +48,9 @@ def ab_promote_command(
 ) -> None:
     """Promote the challenger to champion when it won the A/B test."""
     from services.eval.ab import ab_status, promote_winner
-    from shared.cli import ensure_embedded_schema, fail, out
+    from shared.cli import ensure_schema, fail, out
 
-    ensure_embedded_schema()
+    ensure_schema()
     status = ab_status()
     moved = promote_winner(status, force=force)
     if moved is None:
@@ -63,11 +63,12 @@ def policy_command() -> None:
     import logging
 
     from services.eval.policy import consume_forever
-    from shared.cli import fail
+    from shared.cli import ensure_schema, fail
 
     if not get_settings().broker_url:
         fail("BROKER_URL is not set: the policy consumes events from RabbitMQ (in embedded "
              "mode it runs in-process)", 2)
+    ensure_schema(server_may_be_down=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     consume_forever()
 

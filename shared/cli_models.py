@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from shared.cli import app, emit_json, ensure_embedded_schema, err, fail, out
+from shared.cli import app, emit_json, ensure_schema, err, fail, out
 from shared.errors import RecsysError
 
 models_app = typer.Typer(help="The model registry: versions and aliases.", no_args_is_help=True)
@@ -42,7 +42,7 @@ def registry_call(name: str, *args: Any) -> Any:
 @models_app.command("list")
 def models_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """Every registered version with its aliases and test nDCG@10."""
-    ensure_embedded_schema()
+    ensure_schema()
     versions = registry_call("list")
     if as_json:
         emit_json({"models": versions})
@@ -64,7 +64,7 @@ def models_list(as_json: bool = typer.Option(False, "--json")) -> None:
 def models_show(version: str = typer.Argument("latest", help="A number, 'latest' (the "
                                              "champion) or 'challenger'.")) -> None:
     """One version in full, as JSON."""
-    ensure_embedded_schema()
+    ensure_schema()
     emit_json(registry_call("show", version))
 
 
@@ -73,7 +73,7 @@ def models_promote(version: int = typer.Argument(...),
                    alias: str = typer.Option("champion", "--alias"),
                    reason: str = typer.Option("promoted by hand", "--reason")) -> None:
     """Point an alias at a version (publishes model.promoted)."""
-    ensure_embedded_schema()
+    ensure_schema()
     moved = registry_call("promote", version, alias, reason)
     out.print(f"{moved['alias']}: v{moved['previous']} -> v{moved['version']}")
 
@@ -82,7 +82,7 @@ def models_promote(version: int = typer.Argument(...),
 def models_rollback(alias: str = typer.Option("champion", "--alias"),
                     reason: str = typer.Option("rolled back by hand", "--reason")) -> None:
     """Move an alias back to the version it held before its last promotion."""
-    ensure_embedded_schema()
+    ensure_schema()
     moved = registry_call("rollback", alias, reason)
     out.print(f"{moved['alias']}: v{moved['previous']} -> v{moved['version']}")
 
@@ -120,7 +120,7 @@ def eval_command(
     from shared.celery_app import run_task
 
     k_values = parse_k_values(k)
-    ensure_embedded_schema()
+    ensure_schema()
     try:
         status = err.status(f"eval.evaluate: version {model} ...")
         with status if err.is_terminal else nullcontext():
@@ -172,7 +172,7 @@ def report(
     """Write a self-contained HTML page of offline and online metrics with plots."""
     from services.eval.report import write_report
 
-    ensure_embedded_schema()
+    ensure_schema()
     try:
         summary = write_report(output)
     except RecsysError as error:

@@ -26,6 +26,8 @@ from shared.stack import (
 
 PROJECT = Path(__file__).resolve().parents[1]
 COMPOSE = PROJECT / "docker-compose.yml"
+PORTS_OVERRIDE = PROJECT / "deploy" / "compose.ports.yml"
+DATASETS_OVERRIDE = PROJECT / "deploy" / "compose.datasets.yml"
 ENV_EXAMPLE = PROJECT / ".env.example"
 DOCKERFILE = PROJECT / "Dockerfile"
 INFRA = {"postgres", "rabbitmq", "redis"}
@@ -104,10 +106,12 @@ def test_environment_defaults_are_valid_settings(name: str, apps: dict) -> None:
 
 def test_every_interpolated_variable_is_in_env_example() -> None:
     example = dotenv_values(ENV_EXAMPLE)
-    missing = interpolated_names(COMPOSE) - set(example)
+    interpolated = set().union(*(interpolated_names(path) for path in (
+        COMPOSE, PORTS_OVERRIDE, DATASETS_OVERRIDE)))
+    missing = interpolated - set(example)
     assert not missing, f".env.example lacks {sorted(missing)}"
     # And nothing stale: each entry is interpolated by compose or read as a setting.
-    stale = set(example) - interpolated_names(COMPOSE) - setting_names()
+    stale = set(example) - interpolated - setting_names()
     assert not stale, f".env.example lists {sorted(stale)}, which nothing reads"
 
 
@@ -126,8 +130,6 @@ def test_server_images_and_volumes(services: dict) -> None:
     assert services["postgres"]["image"] == "postgres:16"
     assert services["rabbitmq"]["image"] == "rabbitmq:3-management"
     assert services["redis"]["image"] == "redis:7"
-    published = {str(p).split(":")[-1] for p in services["rabbitmq"]["ports"]}
-    assert {"5672", "15672"} <= published
     declared = set(raw_compose()["volumes"])
     for name in ("postgres", "rabbitmq"):
         assert any(str(v).split(":")[0] in declared for v in services[name]["volumes"]), name
@@ -175,3 +177,39 @@ def test_dockerfile_builds_the_recsys_image() -> None:
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and users[-1] not in {"root", "0"}, "the image must run as a non-root user"
     assert 'ENTRYPOINT ["recsys"]' in lines
+
+
+def test_only_the_uis_are_published_and_on_loopback(services: dict) -> None:
+    """Postgres, AMQP and Redis stay inside the compose network unless the ports override
+    is asked for; every published port, UI or override, is bound to 127.0.0.1."""
+    published = {name: [str(p) for p in spec.get("ports") or []]
+                 for name, spec in services.items() if spec.get("ports")}
+    targets = {name: {p.split(":")[-1] for p in ports} for name, ports in published.items()}
+    assert targets == {"rabbitmq": {"15672"}, "serve": {"8000"}, "flower": {"5555"},
+                       "prometheus": {"9090"}}
+    override = yaml.safe_load(PORTS_OVERRIDE.read_text())["services"]
+    assert {name: [p.split(":")[-1] for p in spec["ports"]] for name, spec in override.items()
+            } == {"postgres": ["5432"], "rabbitmq": ["5672"], "redis": ["6379"]}
+    for ports in [*published.values(), *(s["ports"] for s in override.values())]:
+        assert all(p.startswith("127.0.0.1:") for p in ports), ports
+
+
+def test_bootstrap_is_one_shot_after_the_workers(apps: dict) -> None:
+    bootstrap = apps["bootstrap"]
+    assert raw_compose()["services"]["bootstrap"]["restart"] == "no"
+    assert is_one_shot(bootstrap) and service_command(bootstrap) == ["bootstrap"]
+    needs = depends_on(bootstrap)
+    assert needs["migrate"] == "service_completed_successfully"
+    assert needs["rabbitmq"] == needs["redis"] == "service_healthy"
+    workers = {name for name, spec in apps.items() if service_command(spec)[:1] == ["worker"]}
+    assert workers == {q.value for q in ServiceQueue}
+    assert all(needs[name] == "service_started" for name in workers)
+    # Serve does not wait for it: it answers 503 until model.promoted brings the champion.
+    assert "bootstrap" not in depends_on(apps["serve"])
+
+
+def test_datasets_override_mounts_into_the_ingest_worker() -> None:
+    override = yaml.safe_load(DATASETS_OVERRIDE.read_text())["services"]
+    assert list(override) == ["ingest"]
+    (mount,) = override["ingest"]["volumes"]
+    assert mount.startswith("${DATASETS_DIR:?") and mount.endswith(":/datasets:ro")

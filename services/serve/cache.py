@@ -1,4 +1,5 @@
-"""The recommendation cache: Redis, or an in-process dictionary in embedded mode.
+"""The recommendation cache: Redis, or without it an in-process dictionary per serve
+process, the processes kept in step by a shared feedback journal (services/serve/journal.py).
 
 Entries are keyed by user, model version, variant and request parameters, so a new
 version never meets an old version's lists. Each user also has an index of their keys
@@ -14,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Protocol
 
 import redis
@@ -26,6 +29,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from services.serve.history import History, merge
+from services.serve.journal import FeedbackJournal
 from services.serve.metrics import CACHE, child
 from shared.settings import Settings
 
@@ -261,24 +265,72 @@ class RedisCache:
 
 
 class MemoryCache:
-    """Embedded mode: the same behaviour in this process, bounded by entry count."""
+    """Without Redis: the same behaviour in this process, bounded by entry count, kept in
+    step with the other serve processes of this machine through the feedback journal.
 
-    def __init__(self, settings: Settings, max_entries: int = 10_000) -> None:
+    Every operation first applies what the journal gained since this process last looked
+    (the user's lists dropped, the feedback remembered, the epoch moved on), and feedback
+    is written to the journal before it counts here, so feedback any worker accepted is
+    known to every worker before that worker's 202. When the journal cannot be read, the
+    cache answers nothing and stores nothing until it can again."""
+
+    def __init__(self, settings: Settings, max_entries: int = 10_000,
+                 journal: FeedbackJournal | None = None) -> None:
         self.ttl = settings.cache_ttl
         self.jitter = settings.cache_ttl_jitter
         self.feedback_ttl = settings.recent_feedback_ttl
+        self.retry_seconds = settings.cache_retry_seconds
         self.max_entries = max_entries
+        # Past the horizon every list cached before a row, and the row's feedback, expired.
+        self.journal = journal or FeedbackJournal(
+            journal_path(settings), max(self.feedback_ttl, self.ttl * (1 + self.jitter)) + 1)
         self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._by_user: dict[int, set[str]] = {}
-        self._feedback: dict[int, tuple[float, History]] = {}
+        self._feedback: dict[int, tuple[float, History]] = {}  # wall-clock expiry
         self._epochs: dict[int, int] = {}
+        self._seen = 0  # the journal's last row applied here
         self._lock = threading.Lock()
         self._random = random.Random()
+        self._down_until = 0.0
+
+    def _synced(self) -> bool:
+        """Apply the journal's new rows (call under the lock); False when it is unreadable."""
+        try:
+            rows = self.journal.since(self._seen)
+        except sqlite3.Error as error:
+            CACHE.labels("error").inc()
+            if time.monotonic() >= self._down_until:
+                log.warning("feedback journal %s unreadable (%s); serving without the "
+                            "in-process cache", self.journal.path, error)
+            self._down_until = time.monotonic() + self.retry_seconds
+            return False
+        by_user: dict[int, tuple[float, History]] = {}
+        for seq, user_id, movie_id, value, noted_at in rows:
+            _, items = by_user.setdefault(user_id, (noted_at, {}))
+            merge(items, movie_id, value)
+            by_user[user_id] = (noted_at, items)
+            self._seen = seq
+        for user_id, (noted_at, items) in by_user.items():
+            self._apply(user_id, items, noted_at)
+        return True
+
+    def _apply(self, user_id: int, items: History, noted_at: float) -> None:
+        """One user's feedback: drop their lists, remember it, move their epoch on."""
+        for key in self._by_user.pop(user_id, set()):
+            self._entries.pop(key, None)
+        expires, known = self._feedback.get(user_id, (0.0, {}))
+        merged = dict(known) if expires >= noted_at else {}
+        for movie, value in items.items():
+            merge(merged, movie, value)
+        self._feedback[user_id] = (noted_at + self.feedback_ttl, merged)
+        self._epochs[user_id] = self._epochs.get(user_id, 0) + 1
 
     def get(self, key: str) -> bytes | None:
         if not self.ttl:
             return None
         with self._lock:
+            if not self._synced():
+                return None
             found = self._entries.get(key)
             if found is not None and found[0] < time.monotonic():
                 del self._entries[key]
@@ -287,7 +339,8 @@ class MemoryCache:
         return found[1] if found else None
 
     async def aget(self, key: str) -> bytes | None:
-        return self.get(key)  # a dictionary look-up under a lock: never blocks for long
+        # A dictionary look-up and one indexed SQLite read (WAL: never waits on a writer).
+        return self.get(key)
 
     def put(self, key: str, value: bytes, user_id: int | None = None, epoch: str = "") -> None:
         if not self.ttl:
@@ -295,6 +348,8 @@ class MemoryCache:
         spread = self.ttl * self.jitter
         expires = time.monotonic() + self.ttl + self._random.uniform(-spread, spread)
         with self._lock:
+            if not self._synced():
+                return
             if user_id is not None:
                 if str(self._epochs.get(user_id, "")) != epoch:
                     return
@@ -309,31 +364,48 @@ class MemoryCache:
 
     async def auser_state(self, user_id: int) -> tuple[History, str, bool]:
         with self._lock:
+            synced = self._synced()
             expires, items = self._feedback.get(user_id, (0.0, {}))
-            recent = dict(items) if expires >= time.monotonic() else {}
-            return recent, str(self._epochs.get(user_id, "")), True
+            recent = dict(items) if expires >= time.time() else {}
+            return recent, str(self._epochs.get(user_id, "")), synced
 
     def note_feedback(self, by_user: dict[int, History]) -> None:
+        """Into the journal for every worker, then applied here from it."""
+        if not by_user:
+            return
+        noted_at = time.time()
+        try:
+            self.journal.append(by_user, noted_at)
+        except sqlite3.Error as error:  # this worker at least keeps its own promise
+            CACHE.labels("error").inc()
+            log.error("feedback journal %s not written (%s); other serve workers may show "
+                      "these users their rated movies for up to CACHE_TTL",
+                      self.journal.path, error)
+            with self._lock:
+                for user_id, items in by_user.items():
+                    self._apply(user_id, items, noted_at)
+            return
         with self._lock:
-            for user_id, items in by_user.items():
-                for key in self._by_user.pop(user_id, set()):
-                    self._entries.pop(key, None)
-                _, known = self._feedback.get(user_id, (0.0, {}))
-                merged = dict(known)
-                for movie, value in items.items():
-                    merge(merged, movie, value)
-                self._feedback[user_id] = (time.monotonic() + self.feedback_ttl, merged)
-                self._epochs[user_id] = self._epochs.get(user_id, 0) + 1
+            self._synced()
 
     def ping(self) -> tuple[bool, str]:
-        return True, "in-process cache (no REDIS_URL)"
+        with self._lock:
+            if not self._synced():
+                return False, f"feedback journal {self.journal.path} unreadable"
+        return True, "in-process cache (no REDIS_URL), shared feedback journal"
 
     def close(self) -> None:
         with self._lock:
             self._entries.clear()
+        self.journal.close()
 
     async def aclose(self) -> None:
         self.close()
+
+
+def journal_path(settings: Settings) -> Path:
+    """The feedback journal every serve process of this DATA_PATH shares."""
+    return settings.data_path.resolve() / "serve" / "recent-feedback.sqlite3"
 
 
 def make_cache(settings: Settings) -> Cache:

@@ -31,7 +31,8 @@ LATENCY = Histogram("recsys_serve_request_duration_seconds", "HTTP request laten
                     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                              1.0, 2.5, 5.0, 10.0))
 CACHE = Counter("recsys_serve_cache_total", "Recommendation cache look-ups: hit, miss, or "
-                "error (Redis failed or was skipped after failing).", ["result"])
+                "error (Redis or the feedback journal failed, or was skipped after failing).",
+                ["result"])
 SERVED = Counter("recsys_serve_lists_total", "Recommendation lists served by source.",
                  ["source", "variant"])
 FEEDBACK = Counter("recsys_serve_feedback_accepted_total", "Feedback events accepted (durably "

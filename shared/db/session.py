@@ -9,9 +9,15 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
+from shared.errors import RecsysError
 from shared.settings import get_settings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -73,3 +79,43 @@ def migrate(url: str | None = None, revision: str = "head") -> None:
     url = url or get_settings().resolved_database_url
     _make_sqlite_folder(url)
     command.upgrade(alembic_config(url), revision)
+
+
+class DatabaseUnavailable(RecsysError):
+    """The database did not answer (down, unreachable, refused the login)."""
+
+
+class SchemaNotReady(RecsysError):
+    """The database answers, but its schema is missing or at another revision."""
+
+
+def require_schema(url: str | None = None, connect_timeout: int = 10) -> None:
+    """Return when the database's schema is at this code's head revision; otherwise raise
+    SchemaNotReady (missing or behind: run `recsys db upgrade`) or DatabaseUnavailable."""
+    url = url or get_settings().resolved_database_url
+    shown = make_url(url).render_as_string(hide_password=True)
+    script = ScriptDirectory.from_config(alembic_config(url))
+    heads = set(script.get_heads())
+    postgres = url.startswith("postgresql")
+    engine = create_engine(url, poolclass=NullPool, connect_args={
+        "connect_timeout": connect_timeout} if postgres else {})
+    try:
+        with engine.connect() as connection:
+            current = set(MigrationContext.configure(connection).get_current_heads())
+    except SQLAlchemyError as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        raise DatabaseUnavailable(f"database {shown} did not answer: {reason}") from None
+    finally:
+        engine.dispose()
+    if current == heads:
+        return
+    if not current:
+        raise SchemaNotReady(f"database {shown} has no recsys schema; run `recsys db upgrade` "
+                             "first")
+    known = {revision.revision for revision in script.walk_revisions()}
+    if current - known:
+        raise SchemaNotReady(f"database {shown} is at revision {', '.join(sorted(current))}, "
+                             "which this recsys does not know (a newer release migrated it); "
+                             "run a recsys at least as new")
+    raise SchemaNotReady(f"database {shown} is at revision {', '.join(sorted(current))}, this "
+                         f"recsys needs {', '.join(sorted(heads))}; run `recsys db upgrade`")

@@ -106,3 +106,67 @@ def test_embedded_serve(use_settings, tmp_path: Path, ml100k: Path) -> None:  # 
                     "SELECT count(DISTINCT request_id) FROM impression")).scalar_one())
 
         wait_for(lambda: impressions() >= 4, timeout=30, what="impressions in SQLite")
+
+
+def _cache_misses(url: str) -> int:
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    found = re.search(r'recsys_serve_cache_total\{result="miss"\} (\d+)\.0', metrics)
+    return int(found.group(1)) if found else 0
+
+
+@pytest.mark.timeout(600)
+def test_embedded_workers_never_show_a_rated_movie(tmp_path: Path, ml100k: Path) -> None:
+    """`recsys serve --workers 2` on embedded defaults, after an embedded pipeline run:
+    feedback accepted by one worker is known to the other before the 202, so no list
+    from either worker shows the movie again. Every request opens its own connection,
+    so the kernel spreads them over both workers."""
+    from tests.ingest.test_embedded import embedded_env
+
+    env = embedded_env(tmp_path, DATA_SOURCE=str(ml100k), API_KEY=API_KEY)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    trained = subprocess.run(
+        [*recsys_command(), "pipeline", "--stages", "all", "--algorithms", "als",
+         "--trials", "2", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert '"promoted": true' in trained.stdout.splitlines()[-1]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([*recsys_command(), "serve", "--port", str(port), "--workers", "2"],
+                              cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+
+    def listed(user: int) -> list[int]:
+        answer = httpx.get(f"{url}/recommendations/{user}", timeout=10)
+        assert answer.status_code == 200, answer.text
+        return [item["movie_id"] for item in answer.json()["items"]]
+
+    users, reads = range(1, 31), 6
+    try:
+        wait_for(lambda: answers(url), timeout=120, what="recsys serve to be ready")
+        wait_for(lambda: len(re.findall(r'recsys_serve_model_version\{.*variant="champion"'
+                                        r'\} 1\.0', httpx.get(f"{url}/metrics").text)) == 2,
+                 timeout=60, what="both workers to load the champion")
+        tops = {user: [listed(user) for _ in range(reads)][-1][0] for user in users}
+        # Each worker misses a user's first list once: more misses than users means lists
+        # were cached by both workers, the case where one worker's feedback must reach the
+        # other's cache.
+        assert _cache_misses(url) > len(users)
+        shown_again: list[tuple[int, int]] = []
+        for _round in range(3):
+            for user in users:
+                movie = tops[user]
+                posted = httpx.post(f"{url}/feedback", headers={"X-API-Key": API_KEY},
+                                    json={"user_id": user, "movie_id": movie, "type": "rating",
+                                          "value": 1}, timeout=10)
+                assert posted.status_code == 202, posted.text
+                lists = [listed(user) for _ in range(reads)]
+                shown_again += [(user, movie) for items in lists if movie in items]
+                tops[user] = lists[-1][0]
+        assert shown_again == []
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
+    assert server.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
