@@ -90,19 +90,16 @@ def _database(settings: Settings) -> tuple[Check, Any]:
     return Check("database", True, f"{where} reached"), engine
 
 
-def _schema(engine: Any, url: str) -> Check:
-    from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
+def _schema(url: str) -> Check:
+    from shared.db.session import DatabaseUnavailable, SchemaNotReady, require_schema
 
-    from shared.db.session import alembic_config
-
-    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
-    with engine.connect() as conn:
-        current = MigrationContext.configure(conn).get_current_revision()
-    if current == head:
-        return Check("schema", True, f"at head ({head})")
-    found = "empty (no schema)" if current is None else f"at {current}"
-    return Check("schema", False, f"{found}, head is {head}", "run `recsys db upgrade`")
+    try:
+        require_schema(url, connect_timeout=CONNECT_TIMEOUT)
+    except SchemaNotReady as error:
+        return Check("schema", False, str(error), "run `recsys db upgrade`")
+    except DatabaseUnavailable as error:
+        return Check("schema", False, str(error), "start Postgres or correct DATABASE_URL")
+    return Check("schema", True, "at this release's head revision")
 
 
 def _broker(settings: Settings) -> Check:
@@ -233,10 +230,7 @@ def diagnose() -> dict[str, Any]:
     checks.append(database)
     schema = None
     if engine is not None:
-        try:
-            schema = _schema(engine, settings.resolved_database_url)
-        except Exception as error:  # noqa: BLE001 - an unreadable version table
-            schema = Check("schema", False, _first_line(error), "run `recsys db upgrade`")
+        schema = _schema(settings.resolved_database_url)
         checks.append(schema)
     broker = _broker(settings)
     checks += [broker, _cache(settings), _artifact_store(settings)]

@@ -95,7 +95,7 @@ def test_a_database_without_the_schema_says_to_upgrade(served: dict[str, str], t
         code, report, _ = doctor({**served, "DATABASE_URL": empty}, tmp_path)
         assert code == 1 and report["first_problem"]["name"] == "schema"
         assert report["first_problem"]["fix"] == "run `recsys db upgrade`"
-        assert "empty (no schema)" in report["first_problem"]["detail"]
+        assert "has no recsys schema" in report["first_problem"]["detail"]
     finally:
         with admin.cursor() as cursor:
             cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
