@@ -12,9 +12,16 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 
-from shared.db.session import DatabaseUnavailable, SchemaNotReady, migrate, require_schema
+from shared.db.session import (
+    DatabaseUnavailable,
+    SchemaNotReady,
+    alembic_config,
+    migrate,
+    require_schema,
+)
 from tests.conftest import FIXTURES, _admin_dsn, recsys_command
 
 NO_SCHEMA = "has no recsys schema; run `recsys db upgrade` first"
@@ -85,7 +92,8 @@ def test_an_older_schema_names_both_revisions_and_upgrade_fixes_it(
     behind = run(["ingest", "--source", str(FIXTURES / "ml-latest-small")], tmp_path,
                  empty_pg_url, broker_url)
     assert behind.returncode == 1
-    assert "is at revision 0002, this recsys needs 0004; run `recsys db upgrade`" in \
+    head = ScriptDirectory.from_config(alembic_config(empty_pg_url)).get_current_head()
+    assert f"is at revision 0002, this recsys needs {head}; run `recsys db upgrade`" in \
         behind.stderr
     upgraded = run(["db", "upgrade"], tmp_path, empty_pg_url, broker_url)
     assert upgraded.returncode == 0, upgraded.stderr
