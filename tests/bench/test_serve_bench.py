@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # `bench` is a folder of scripts, not an installed package
     sys.path.insert(0, str(ROOT))
@@ -16,6 +18,8 @@ from bench.common import database_exists  # noqa: E402
 
 JSON_KEYS = {"hit_rps", "bare_rps", "hit_ratio", "miss_p99_ms_100k", "miss_p99_ms_60k_items",
              "impression_cost", "feedback_events_per_s", "feedback_lost"}
+MISS_FLOOR_KEYS = {"miss_ratio_60k", "miss_p99_ratio_60k", "miss_rps_60k",
+                   "bare_score_rps_60k", "bare_score_p99_ms_60k"}
 
 
 def test_benchmark_smoke_run(service_urls: dict[str, str], ml100k: Path, tmp_path: Path
@@ -35,7 +39,11 @@ def test_benchmark_smoke_run(service_urls: dict[str, str], ml100k: Path, tmp_pat
     lines = completed.stdout.strip().splitlines()
     assert len(lines) > 1  # human-readable lines come first
     figures = json.loads(lines[-1])
-    assert set(figures) == JSON_KEYS | {"feedback_single_events_per_s", "feedback_batch"}
+    assert set(figures) == JSON_KEYS | MISS_FLOOR_KEYS | {"feedback_single_events_per_s",
+                                                          "feedback_batch"}
+    assert figures["miss_ratio_60k"] == pytest.approx(
+        figures["miss_rps_60k"] / figures["bare_score_rps_60k"], rel=0.01)
+    assert any(line.startswith("bare scoring (one product") for line in lines)
     assert figures["feedback_lost"] == 0
     for key in set(figures) - {"feedback_lost"}:
         assert figures[key] > 0, key
