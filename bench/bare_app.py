@@ -40,8 +40,13 @@ def _load_model() -> tuple[dict[int, int], np.ndarray, np.ndarray, np.ndarray] |
     path = os.environ.get("BARE_MODEL")
     if not path:
         return None
+    from threadpoolctl import threadpool_limits
+
     from shared.artifacts import read_artifact
 
+    # As serve does: one BLAS thread per process, or the workers' pools fight for the cores
+    # (seen here: 150 requests/s, p50 80 ms, against serve's 1,100 with one thread).
+    threadpool_limits(1, "blas")
     arrays, _ = read_artifact(path, os.environ.get("BARE_MODEL_SHA", ""))
     users = {int(u): row for row, u in enumerate(np.asarray(arrays["user_ids"]).tolist())}
     user_factors = np.ascontiguousarray(arrays["user_factors"], dtype=np.float32)

@@ -878,14 +878,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{version}, registered, promoted and {how} in "
                   f"{time.perf_counter() - clock:.1f} s")
             # The miss floor: the same product and top-k on the same factors, nothing else.
+            bare.stop()  # the hit floor is measured; its port serves the miss floor next
+            children.remove(bare)
             scorer = start_child("bare-score", [
                 sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--host", HOST,
                 "--port", str(bare_port), "--workers", str(args.workers), "--log-level",
                 "warning", "--no-access-log"], {**child_env, "BARE_REDIS_URL": args.redis_url,
                                                 "BARE_KEY": bare_key, "BARE_MODEL": model_path,
                                                 "BARE_MODEL_SHA": model_sha}, folder)
-            bare.stop()  # the hit floor is measured; its port serves the miss floor now
-            children.remove(bare)
             children.append(scorer)
             wait_until(lambda: http("GET", f"{bare_url}/bare-score/{built.users[0]}")[0] == 200,
                        120, "the bare scoring app", scorer)
