@@ -1,11 +1,16 @@
 """Synthetic MovieLens-25M-shaped data sets, written in the ml-25m CSV layout.
 
-`ratings.csv` (userId,movieId,rating,timestamp) and `movies.csv` (movieId,title,genres),
+`ratings.csv` (userId,movieId,rating,timestamp), `movies.csv` (movieId,title,genres),
+`tags.csv` (userId,movieId,tag,timestamp) and `links.csv` (movieId,imdbId,tmdbId),
 shaped like ml-25m: 162,541 users, 59,047 movies and 25,000,095 ratings at full size,
 Zipf-like movie popularity, long-tailed user activity with at least 20 ratings per user,
 no repeated (user, movie) pair, the ml-25m half-star histogram, and timestamps in
 1995-2019 that increase within each user. Smaller sizes scale users and movies with
-the ratings. Generation is numpy, chunked by users, so memory stays bounded; files
+the ratings. Tags: 1,093,360 applications at full size (scaled with the ratings) by a
+few heavy taggers, on popular movies, from a Zipf-like vocabulary with commas and
+quotes that need CSV quoting, in 2005-2019; links: one row per movie with a 7-digit
+zero-padded imdbId and a tmdbId, a few missing as in GroupLens's file. Generation is
+numpy, chunked by users, so memory stays bounded; files
 are cached under a work directory keyed by size, seed and generator version.
 
     python bench/datagen.py --ratings 2000000 --workdir data/bench
@@ -26,13 +31,18 @@ from statistics import NormalDist
 
 import numpy as np
 
-GENERATOR_VERSION = 1  # bump when the output changes, so cached files are not reused
+GENERATOR_VERSION = 2  # bump when the output changes, so cached files are not reused
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = REPO_ROOT / "data" / "bench"
 
 ML25M_RATINGS = 25_000_095
 ML25M_USERS = 162_541
 ML25M_MOVIES = 59_047
+ML25M_TAGS = 1_093_360
+ML25M_TAGGERS = 14_592  # users with at least one tag
+ML25M_TAG_WORDS = 73_050  # distinct tag texts
+FIRST_TAG_TIMESTAMP = 1_135_429_210  # 2005-12-24, the first ml-25m tag
+MISSING_TMDB_SHARE = 107 / 62_423  # links.csv rows of ml-25m without a tmdbId
 ML25M_MAX_MOVIE_ID = 209_171  # ml-25m ids are sparse: 59,047 rated movies up to id 209,171
 MIN_USER_RATINGS = 20  # ml-25m keeps only users with at least 20 ratings
 MIN_MOVIES = 1_000  # small runs still get a catalogue with a head and a tail
@@ -64,6 +74,8 @@ GENRES_PER_MOVIE = np.array([0.45, 0.33, 0.16, 0.06])  # P(1), P(2), P(3), P(4 g
 
 RATINGS_HEADER = b"userId,movieId,rating,timestamp\n"
 MOVIES_HEADER = "movieId,title,genres\n"
+TAGS_HEADER = "userId,movieId,tag,timestamp\n"
+LINKS_HEADER = "movieId,imdbId,tmdbId\n"
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,11 @@ class Shape:
         return max(MIN_USER_RATINGS, int(self.movies * MAX_USER_SHARE))
 
     @property
+    def tags(self) -> int:
+        """Tag applications: ml-25m's count scaled with the ratings."""
+        return round(ML25M_TAGS * self.ratings / ML25M_RATINGS)
+
+    @property
     def name(self) -> str:
         # "ml-25m" in the name makes `recsys ingest` detect the layout as ml-25m.
         return f"ml-25m-synth-v{GENERATOR_VERSION}-r{self.ratings}-s{self.seed}"
@@ -115,6 +132,18 @@ class Dataset:
     @property
     def movies_csv(self) -> Path:
         return self.root / "movies.csv"
+
+    @property
+    def tags_csv(self) -> Path:
+        return self.root / "tags.csv"
+
+    @property
+    def links_csv(self) -> Path:
+        return self.root / "links.csv"
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.ratings_csv, self.movies_csv, self.tags_csv, self.links_csv]
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
@@ -308,11 +337,69 @@ def write_movies(shape: Shape, path: Path) -> None:
     path.write_text("".join(lines), encoding="utf-8")
 
 
+def tag_words(shape: Shape) -> list[str]:
+    """The vocabulary: plain words, and some that need CSV quoting (commas, quotes)."""
+    count = max(100, round(ML25M_TAG_WORDS * shape.ratings / ML25M_RATINGS))
+    words = []
+    for index in range(count):
+        if index % 17 == 3:
+            words.append(f"dark, weird {index}")
+        elif index % 53 == 5:
+            words.append(f'"based on a book" {index}')
+        else:
+            words.append(f"tag {index}")
+    return words
+
+
+def write_tags(shape: Shape, path: Path) -> None:
+    """tags.csv sorted by user then movie: heavy taggers, popular movies, Zipf-like words."""
+    rng = _rng(shape.seed, 7)
+    ids = movie_ids(shape)
+    words = tag_words(shape)
+    taggers = max(1, min(shape.users, round(ML25M_TAGGERS * shape.ratings / ML25M_RATINGS)))
+    tagger_ids = np.sort(rng.choice(shape.users, taggers, replace=False)) + 1
+    activity = rng.pareto(0.8, taggers) + 1.0  # a few users apply most of the tags
+    users = tagger_ids[np.searchsorted(np.cumsum(activity / activity.sum()),
+                                       rng.random(shape.tags), side="right").clip(0, taggers - 1)]
+    movies = ids[np.searchsorted(np.cumsum(popularity(shape)), rng.random(shape.tags),
+                                 side="right").clip(0, shape.movies - 1)]
+    by_rank = (np.arange(len(words)) + 10.0) ** -1.1
+    word = np.searchsorted(np.cumsum(by_rank / by_rank.sum()), rng.random(shape.tags),
+                           side="right").clip(0, len(words) - 1)
+    stamps = rng.integers(FIRST_TAG_TIMESTAMP, LAST_TIMESTAMP, shape.tags)
+    order = np.lexsort((stamps, movies, users))
+    quoted = [('"' + w.replace('"', '""') + '"') if ("," in w or '"' in w) else w for w in words]
+    with path.open("w", encoding="utf-8", newline="") as out:
+        out.write(TAGS_HEADER)
+        for start in range(0, shape.tags, CHUNK_ROWS):
+            part = order[start:start + CHUNK_ROWS]
+            out.write("".join(
+                f"{u},{m},{quoted[w]},{t}\n" for u, m, w, t in zip(
+                    users[part].tolist(), movies[part].tolist(), word[part].tolist(),
+                    stamps[part].tolist(), strict=True)))
+
+
+def write_links(shape: Shape, path: Path) -> None:
+    """links.csv: one row per movie, imdbId zero-padded to 7 digits, a few tmdbIds missing."""
+    rng = _rng(shape.seed, 8)
+    ids = movie_ids(shape)
+    imdb = np.sort(rng.choice(9_999_999, shape.movies, replace=False)) + 1
+    tmdb = rng.choice(999_999, shape.movies, replace=False) + 1
+    missing = rng.random(shape.movies) < MISSING_TMDB_SHARE
+    lines = [LINKS_HEADER]
+    for movie, i, t, gone in zip(ids.tolist(), imdb.tolist(), tmdb.tolist(), missing.tolist(),
+                                 strict=True):
+        lines.append(f"{movie},{i:07d},{'' if gone else t}\n")
+    path.write_text("".join(lines), encoding="utf-8")
+
+
 def generate(shape: Shape, root: Path) -> Dataset:
     """Write the data set into `root` (created; existing files are overwritten)."""
     root.mkdir(parents=True, exist_ok=True)
     write_movies(shape, root / "movies.csv")
     write_ratings(shape, root / "ratings.csv")
+    write_tags(shape, root / "tags.csv")
+    write_links(shape, root / "links.csv")
     return Dataset(root, shape)
 
 
@@ -321,7 +408,7 @@ def ensure_dataset(ratings: int = ML25M_RATINGS, seed: int = 42,
     """The cached data set of that size and seed, generated if missing. (dataset, reused)"""
     shape = Shape.scaled(ratings, seed)
     root = workdir / shape.name
-    if (root / "ratings.csv").is_file() and (root / "movies.csv").is_file():
+    if all(path.is_file() for path in Dataset(root, shape).files):
         return Dataset(root, shape), True
     # Generate beside the target and rename, so an interrupted run is never reused.
     partial = workdir / f".{shape.name}.partial-{os.getpid()}"
@@ -349,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset, reused = ensure_dataset(args.ratings, args.seed, args.workdir)
     shape = dataset.shape
     print(f"{'reused' if reused else 'generated'} {dataset.root}: {shape.ratings:,} ratings, "
-          f"{shape.users:,} users, {shape.movies:,} movies in "
+          f"{shape.users:,} users, {shape.movies:,} movies, {shape.tags:,} tags in "
           f"{time.perf_counter() - clock:.1f} s")
     return 0
 

@@ -1,14 +1,19 @@
-"""Benchmark `recsys ingest` against a bare Postgres COPY of the same ratings.csv.
+"""Benchmark `recsys ingest` against bare Postgres COPYs of the same files.
 
 In one run, against one Postgres server: generate (or reuse) a MovieLens-25M-shaped
-data set, create a scratch database, migrate it with `recsys db upgrade`, then time
-(a) `recsys ingest --source DIR --json` as a subprocess (wall clock, and its peak RSS
-from wait4) and (b) `COPY rating ... FROM STDIN WITH (FORMAT csv, HEADER true)` of the
-same file through psycopg2 into the same, emptied table. The file is read once
-first so both start from a warm page cache; with --repeat > 1 the order alternates
-and the best time of each counts. Human-readable lines first; the last stdout line
-is one JSON object: rows, ingest_rows_per_s, copy_rows_per_s, ratio (ingest time /
-COPY time) and peak_rss_mb.
+data set (ratings.csv, movies.csv, tags.csv, links.csv), create a scratch database,
+migrate it with `recsys db upgrade`, then time (a) `recsys ingest --source DIR --json`
+as a subprocess (wall clock, and its peak RSS from wait4) and (b) in one transaction
+through psycopg2, `COPY ... FROM STDIN WITH (FORMAT csv, HEADER true)` of every file:
+ratings into `rating`, movies into `movie`, tags into `tag` (the same, emptied tables)
+and links into `link_copy`, a table of their three BIGINT columns (ingest stores them
+on `movie`). The files are read once first so both start from a warm page cache; with
+--repeat > 1 the order alternates and the best time of each counts. Human-readable
+lines first; the last stdout line is one JSON object: rows (ratings),
+ingest_rows_per_s, copy_rows_per_s (ratings over the whole time of each), ratio
+(ingest time / the COPYs' time) and peak_rss_mb, then tags, links, ingest_s, copy_s,
+copy_s_<file> per file and ingest_s_<stage> (ingest's own timings of movies, tags,
+ratings).
 
     python bench/ingest.py --ratings 2000000
 """
@@ -39,7 +44,16 @@ from bench.datagen import DEFAULT_WORKDIR, ML25M_RATINGS, Dataset, ensure_datase
 DEFAULT_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 COPY_SQL = ("COPY rating (user_id, movie_id, rating, rated_at) FROM STDIN "
             "WITH (FORMAT csv, HEADER true)")
-DATA_TABLES = "rating, tag, ingest_reject, ingest_batch, movie, user_profile"
+COPY_FILES = {  # file -> the bare COPY of it
+    "ratings": COPY_SQL,
+    "movies": "COPY movie (id, title, genres) FROM STDIN WITH (FORMAT csv, HEADER true)",
+    "tags": ("COPY tag (user_id, movie_id, tag, tagged_at) FROM STDIN "
+             "WITH (FORMAT csv, HEADER true)"),
+    "links": ("COPY link_copy (movie_id, imdb_id, tmdb_id) FROM STDIN "
+              "WITH (FORMAT csv, HEADER true)"),
+}
+LINK_TABLE = "CREATE TABLE link_copy (movie_id INTEGER, imdb_id BIGINT, tmdb_id BIGINT)"
+DATA_TABLES = "rating, tag, ingest_reject, ingest_batch, movie, user_profile, link_copy"
 TARGET_RATIO = 1.5
 TARGET_RSS_MB = 1500.0
 READ_BYTES = 8 << 20
@@ -56,10 +70,11 @@ class IngestRun:
 
 @dataclass
 class CopyRun:
-    """One timed bare COPY."""
+    """One timed set of bare COPYs, one per file, committed together."""
 
     seconds: float
-    rows: int
+    rows: int  # ratings
+    by_file: dict[str, float]  # seconds of each file's COPY
 
 
 def recsys_command() -> list[str]:
@@ -100,6 +115,13 @@ def migrate(database: URL, workdir: Path) -> None:
                                      child_env(database, workdir))
     if code:
         raise SystemExit(f"recsys db upgrade failed ({code}):\n{out}{err}")
+    conn = psycopg2.connect(libpq_dsn(database))
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(LINK_TABLE)
+        conn.commit()
+    finally:
+        conn.close()
 
 
 def reset(database: URL) -> None:
@@ -124,7 +146,7 @@ def warm(dataset: Dataset) -> float:
     with the kernel writing the fresh file back to disk (seen: ingest 77 s against 55 s).
     """
     clock = time.perf_counter()
-    for path in (dataset.ratings_csv, dataset.movies_csv):
+    for path in dataset.files:
         with path.open("rb") as handle:
             os.fsync(handle.fileno())
             while handle.read(READ_BYTES):
@@ -141,52 +163,82 @@ def time_ingest(dataset: Dataset, database: URL, workdir: Path) -> IngestRun:
         raise SystemExit(f"recsys ingest failed ({code}):\n{out}{err}")
     lines = out.strip().splitlines()
     result = json.loads(lines[-1])
-    if result.get("status") != "loaded" or result.get("ratings") != dataset.shape.ratings:
-        raise SystemExit(f"recsys ingest loaded {result.get('ratings')} of "
-                         f"{dataset.shape.ratings} ratings: {result.get('message')}")
+    shape = dataset.shape
+    if (result.get("status") != "loaded" or result.get("ratings") != shape.ratings
+            or result.get("tags") != shape.tags or result.get("movies") != shape.movies):
+        raise SystemExit(f"recsys ingest loaded {result.get('ratings')} of {shape.ratings} "
+                         f"ratings, {result.get('tags')} of {shape.tags} tags, "
+                         f"{result.get('movies')} of {shape.movies} movies: "
+                         f"{result.get('message')}")
     return IngestRun(seconds, usage.ru_maxrss / 1024, result)  # Linux: ru_maxrss in KiB
 
 
 def time_copy(dataset: Dataset, database: URL) -> CopyRun:
-    """The floor: psycopg2 copy_expert of the file into `rating`, committed."""
+    """The floor: psycopg2 copy_expert of every file into its table, committed."""
+    paths = {"ratings": dataset.ratings_csv, "movies": dataset.movies_csv,
+             "tags": dataset.tags_csv, "links": dataset.links_csv}
+    expected = {"ratings": dataset.shape.ratings, "movies": dataset.shape.movies,
+                "tags": dataset.shape.tags, "links": dataset.shape.movies}
+    by_file: dict[str, float] = {}
+    rows: dict[str, int] = {}
     conn = psycopg2.connect(libpq_dsn(database))
     try:
-        with dataset.ratings_csv.open("rb") as handle, conn.cursor() as cursor:
+        with conn.cursor() as cursor:
             clock = time.perf_counter()
-            cursor.copy_expert(COPY_SQL, handle, size=1 << 20)
-            rows = cursor.rowcount
+            for name, sql in COPY_FILES.items():
+                start = time.perf_counter()
+                with paths[name].open("rb") as handle:
+                    cursor.copy_expert(sql, handle, size=1 << 20)
+                rows[name] = cursor.rowcount
+                by_file[name] = time.perf_counter() - start
+            start = time.perf_counter()
             conn.commit()
+            by_file["commit"] = time.perf_counter() - start
             seconds = time.perf_counter() - clock
     finally:
         conn.close()
-    if rows != dataset.shape.ratings:
-        raise SystemExit(f"COPY loaded {rows} of {dataset.shape.ratings} ratings")
-    return CopyRun(seconds, rows)
+    if rows != expected:
+        raise SystemExit(f"COPY loaded {rows} rows, expected {expected}")
+    return CopyRun(seconds, rows["ratings"], by_file)
 
 
 def _verdict(met: bool) -> str:
     return "met" if met else "NOT met"
 
 
-def summarise(rows: int, ingests: list[IngestRun], copies: list[CopyRun]) -> dict[str, Any]:
+def summarise(dataset: Dataset, ingests: list[IngestRun], copies: list[CopyRun]
+              ) -> dict[str, Any]:
     """Print the human-readable summary; return the JSON figures (best time of each)."""
-    ingest_s = min(run.seconds for run in ingests)
-    copy_s = min(run.seconds for run in copies)
+    rows = dataset.shape.ratings
+    best = min(ingests, key=lambda run: run.seconds)
+    fastest = min(copies, key=lambda run: run.seconds)
+    ingest_s, copy_s = best.seconds, fastest.seconds
     ratio = ingest_s / copy_s
     rss = max(run.peak_rss_mb for run in ingests)
-    best = min(ingests, key=lambda run: run.seconds)
     in_process = float(best.result.get("seconds") or 0.0)
-    print(f"recsys ingest: {rows / ingest_s:,.0f} rows/s ({ingest_s:.2f} s wall, best of "
+    print(f"recsys ingest: {rows / ingest_s:,.0f} ratings/s ({ingest_s:.2f} s wall, best of "
           f"{len(ingests)}; {in_process:.2f} s inside ingest_source)")
-    print(f"bare COPY:     {rows / copy_s:,.0f} rows/s ({copy_s:.2f} s, best of {len(copies)})")
+    files = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in fastest.by_file.items())
+    print(f"bare COPYs:    {rows / copy_s:,.0f} ratings/s ({copy_s:.2f} s, best of "
+          f"{len(copies)}: {files})")
     print(f"ratio ingest/COPY: {ratio:.3f} (target <= {TARGET_RATIO}: "
           f"{_verdict(ratio <= TARGET_RATIO)}; in-process only: {in_process / copy_s:.3f})")
     scope = "" if rows >= ML25M_RATINGS else f"; the target is for {ML25M_RATINGS:,} rows"
     print(f"ingest peak RSS: {rss:.1f} MB (target < {TARGET_RSS_MB:.0f} MB: "
           f"{_verdict(rss < TARGET_RSS_MB)}{scope})")
-    return {"rows": rows, "ingest_rows_per_s": round(rows / ingest_s, 1),
-            "copy_rows_per_s": round(rows / copy_s, 1), "ratio": round(ratio, 4),
-            "peak_rss_mb": round(rss, 1)}
+    figures: dict[str, Any] = {
+        "rows": rows, "ingest_rows_per_s": round(rows / ingest_s, 1),
+        "copy_rows_per_s": round(rows / copy_s, 1), "ratio": round(ratio, 4),
+        "peak_rss_mb": round(rss, 1), "tags": dataset.shape.tags,
+        "links": dataset.shape.movies, "ingest_s": round(ingest_s, 3),
+        "copy_s": round(copy_s, 3)}
+    figures.update({f"copy_s_{name}": round(seconds, 3)
+                    for name, seconds in fastest.by_file.items()})
+    timings = best.result.get("timings", {})
+    figures.update({f"ingest_s_{stage}": timings[stage]
+                    for stage in ("checksum", "text_files", "movies", "tags", "ratings")
+                    if stage in timings})
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,8 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     dataset, reused = ensure_dataset(args.ratings, args.seed, workdir)
     shape = dataset.shape
     size_mb = dataset.ratings_csv.stat().st_size / 1e6
+    tags_mb = dataset.tags_csv.stat().st_size / 1e6
     print(f"data set {dataset.root}: {shape.ratings:,} ratings, {shape.users:,} users, "
-          f"{shape.movies:,} movies, ratings.csv {size_mb:,.1f} MB "
+          f"{shape.movies:,} movies, {shape.tags:,} tags, ratings.csv {size_mb:,.1f} MB, "
+          f"tags.csv {tags_mb:,.1f} MB "
           f"({'reused' if reused else 'generated'} in {time.perf_counter() - clock:.1f} s)")
     print(f"fsync + warm read of the data files: {warm(dataset):.2f} s")
 
@@ -230,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{last.peak_rss_mb:.1f} MB (ingest timings s: {timings})")
                 else:
                     copies.append(time_copy(dataset, database))
-                    print(f"run {run}: bare COPY {copies[-1].seconds:.2f} s")
-    figures = summarise(shape.ratings, ingests, copies)
+                    print(f"run {run}: bare COPYs {copies[-1].seconds:.2f} s")
+    figures = summarise(dataset, ingests, copies)
     sys.stdout.write(json.dumps(figures) + "\n")
     sys.stdout.flush()
     return 0

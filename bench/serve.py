@@ -20,6 +20,10 @@ In one run, against one Postgres server, one RabbitMQ and one Redis (loopback on
              train rows and weighting; random factors; movies rows for the new ids) is
              registered and promoted: serve hot-swaps to it (restarted if it does not);
              it also prints how many trained users shared each matrix product;
+   bare-score GET /bare-score/{user}?k=..&offset=.. on the same keys, served by the bare
+             app (same worker count) holding the same 60,000 x 64 float32 factors: one
+             product and a top k + offset, no cache, history, feedback or exclusions;
+             measured just before the 60k misses, its app stopped before they run;
    feedback  POST /feedback with a real `recsys worker ingest` storing the events, twice:
              one unique click per request, then batches of --feedback-batch clicks per
              request (the endpoint takes a JSON array); after each load the benchmark
@@ -41,7 +45,10 @@ Human-readable lines first; the last stdout line is one JSON object: hit_rps, ba
 hit_ratio, miss_p99_ms_100k, miss_p99_ms_60k_items, impression_cost,
 feedback_events_per_s, feedback_lost; then feedback_single_events_per_s, feedback_batch
 and, unless --latency-connections is 0, miss_p99_ms_60k_items_quiet (the same misses
-with that few connections: latency without queueing) and quiet_connections.
+with that few connections: latency without queueing) and quiet_connections; then
+miss_ratio_60k and miss_p99_ratio_60k (serve's large-catalogue misses against the bare
+scoring route: throughput over the route's, p99 over the route's) with miss_rps_60k,
+bare_score_rps_60k and bare_score_p99_ms_60k.
 
     python bench/serve.py                       # 10 s per load, 60,000 items
     python bench/serve.py --duration 1 --items 2000
@@ -89,6 +96,8 @@ HOST = "127.0.0.1"
 HIT_USERS = 16
 TARGET_HIT_RATIO = 0.8
 TARGET_MISS_P99_MS = 25.0
+TARGET_MISS_RATIO = 0.5
+TARGET_MISS_P99_RATIO = 2.0
 TARGET_IMPRESSION_COST = 0.10
 TARGET_FEEDBACK_RATE = 1000.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -430,8 +439,9 @@ def build_ml100k(source: Path, factors: int, iterations: int) -> Built:
 
 
 def register_synthetic(built: Built, n_items: int, factors: int, database: URL,
-                       seed: int) -> int:
-    """A 60,000-item (n_items) ALS model over ml-100k's users, registered and promoted.
+                       seed: int) -> tuple[int, str, str]:
+    """A 60,000-item (n_items) ALS model over ml-100k's users, registered and promoted;
+    (version, artifact path, sha256).
 
     Snapshot: ml-100k's train rows with the columns moved to movie id - 1 in a catalogue of
     movie ids 1..n_items, its genres, and Zipf-like counts for the new items. Model: the
@@ -499,7 +509,7 @@ def register_synthetic(built: Built, n_items: int, factors: int, database: URL,
                                 model_ref.path, model_ref.sha256)["version"]
     registry.promote(version, reason="serve benchmark: synthetic catalogue")
     get_engine().dispose()
-    return int(version)
+    return int(version), model_ref.path, model_ref.sha256
 
 
 # ---- ingest worker --------------------------------------------------------------------------
@@ -673,8 +683,8 @@ def delete_prefix(redis_url: str, prefix: str) -> int:
 
 
 def summarise(bare: Load, hit: Load, miss100: Load, miss60: Load, quiet60: Load | None,
-              single: Load, batched: Load, batch: int, impression_cost: float, lost: int
-              ) -> dict[str, Any]:
+              single: Load, batched: Load, batch: int, impression_cost: float, lost: int,
+              bare_miss: Load) -> dict[str, Any]:
     quiet = ({"miss_p99_ms_60k_items_quiet": round(quiet60.p99_ms, 2),
               "quiet_connections": quiet60.connections} if quiet60 is not None else {})
     return {"hit_rps": round(hit.rps, 1), "bare_rps": round(bare.rps, 1),
@@ -685,7 +695,12 @@ def summarise(bare: Load, hit: Load, miss100: Load, miss60: Load, quiet60: Load 
             "feedback_events_per_s": round(batched.events_per_s, 1),
             "feedback_lost": lost,
             "feedback_single_events_per_s": round(single.events_per_s, 1),
-            "feedback_batch": batch, **quiet}
+            "feedback_batch": batch, **quiet,
+            "miss_ratio_60k": round(miss60.rps / bare_miss.rps, 3) if bare_miss.rps else 0.0,
+            "miss_p99_ratio_60k": (round(miss60.p99_ms / bare_miss.p99_ms, 3)
+                                   if bare_miss.p99_ms else 0.0),
+            "miss_rps_60k": round(miss60.rps, 1), "bare_score_rps_60k": round(bare_miss.rps, 1),
+            "bare_score_p99_ms_60k": round(bare_miss.p99_ms, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -844,7 +859,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(quiet100.line())
 
             clock = time.perf_counter()
-            version = register_synthetic(built, args.items, args.factors, database, args.seed)
+            version, model_path, model_sha = register_synthetic(
+                built, args.items, args.factors, database, args.seed)
             try:
                 wait_serving(serve_url, version, serve, timeout=60.0)
                 how = "hot-swapped"
@@ -861,6 +877,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"synthetic model: {args.items:,} items x {args.factors} factors, version "
                   f"{version}, registered, promoted and {how} in "
                   f"{time.perf_counter() - clock:.1f} s")
+            # The miss floor: the same product and top-k on the same factors, nothing else.
+            bare.stop()  # the hit floor is measured; its port serves the miss floor next
+            children.remove(bare)
+            scorer = start_child("bare-score", [
+                sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--host", HOST,
+                "--port", str(bare_port), "--workers", str(args.workers), "--log-level",
+                "warning", "--no-access-log"], {**child_env, "BARE_REDIS_URL": args.redis_url,
+                                                "BARE_KEY": bare_key, "BARE_MODEL": model_path,
+                                                "BARE_MODEL_SHA": model_sha}, folder)
+            children.append(scorer)
+            wait_until(lambda: http("GET", f"{bare_url}/bare-score/{built.users[0]}")[0] == 200,
+                       120, "the bare scoring app", scorer)
+            score_script = lua_script(scripts, "bare-score", LUA_MISS, args.threads,
+                                      USERS=all_users, START=0, PREFIX='"/bare-score/"')
+            run_wrk(wrk, "warm-up bare scoring", bare_url, lua_script(
+                scripts, "bare-score-warm", LUA_MISS, args.threads, USERS=all_users,
+                START=WARM_START, PREFIX='"/bare-score/"'), **{**common, "duration": 1})
+            bare_miss = run_wrk(wrk, f"bare scoring (one product, top k; {args.items:,} "
+                                "items)", bare_url, score_script, **common)
+            print(bare_miss.line())
+            scorer.stop()  # idle, but out of serve's way
+            children.remove(scorer)
             spy = start_py_spy(args.py_spy, serve, folder, args.duration)
             warm_misses(wrk, serve_url, scripts, all_users, common)
             users_before, products_before = score_batches(serve_url)
@@ -869,6 +907,12 @@ def main(argv: list[str] | None = None) -> int:
                                         USERS=all_users, START=0,
                                         PREFIX='"/recommendations/"'), **common)
             print(miss60.line())
+            miss_ratio = miss60.rps / bare_miss.rps if bare_miss.rps else 0.0
+            p99_ratio = miss60.p99_ms / bare_miss.p99_ms if bare_miss.p99_ms else 0.0
+            print(f"miss/bare scoring at {args.items:,} items: throughput {miss_ratio:.3f} "
+                  f"(target >= {TARGET_MISS_RATIO}: {_verdict(miss_ratio >= TARGET_MISS_RATIO)})"
+                  f", p99 {p99_ratio:.3f} (target <= {TARGET_MISS_P99_RATIO}: "
+                  f"{_verdict(p99_ratio <= TARGET_MISS_P99_RATIO)})")
             users, products = (now - before for now, before in zip(
                 score_batches(serve_url), (users_before, products_before), strict=True))
             if products:
@@ -922,7 +966,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{_verdict(single.events_per_s >= TARGET_FEEDBACK_RATE and lost == 0)} one "
                   f"event per request ({single.events_per_s:,.0f} events/s)")
             figures = summarise(bare_load, hit_load, miss100, miss60, quiet60, single, batched,
-                                args.feedback_batch, impression_cost, lost)
+                                args.feedback_batch, impression_cost, lost, bare_miss)
             for child in reversed(children):
                 child.stop()
             children.clear()

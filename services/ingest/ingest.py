@@ -6,11 +6,12 @@ import datetime as dt
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import psycopg2.errors
 import sqlalchemy.exc
 from sqlalchemy import Connection, Engine, func, select, update
@@ -25,9 +26,10 @@ from services.ingest.ratings import (
     raw_blocks,
     row_keys,
 )
-from services.ingest.readers import read_links, read_movies, read_tags, read_users
+from services.ingest.readers import MovieRow, read_links, read_movies, read_users
 from services.ingest.sources import SourceFiles, open_source
-from shared.db import IngestBatch, IngestReject, Movie, Tag, UserProfile, get_engine, session_scope
+from services.ingest.tags import TagsValidator, copy_text
+from shared.db import IngestBatch, IngestReject, Movie, UserProfile, get_engine, session_scope
 from shared.events import get_event_bus
 from shared.settings import get_settings
 
@@ -237,6 +239,68 @@ def _explain_duplicates(
     )
 
 
+def _reject_rows(batch_id: int, errors: Iterable[RowError]) -> list[dict[str, Any]]:
+    return [
+        {"batch_id": batch_id, "file": e.file, "line": e.line, "reason": e.reason, "raw": e.raw}
+        for e in errors
+    ]
+
+
+def _movie_frame(movies: dict[int, MovieRow], links: pd.DataFrame) -> pd.DataFrame:
+    """The movie table's rows: the movies file, with IMDb and TMDB ids where links has them."""
+    frame = pd.DataFrame(
+        {
+            "id": pd.array([m.id for m in movies.values()], dtype="Int64"),
+            "title": pd.Series([m.title for m in movies.values()], dtype=object),
+            "year": pd.array([m.year for m in movies.values()], dtype="Int64"),
+            "genres": pd.Series([m.genres for m in movies.values()], dtype=object),
+        }
+    )
+    return frame.merge(links, on="id", how="left").astype({"imdb_id": "Int64", "tmdb_id": "Int64"})
+
+
+def _load_tags(
+    conn: Connection,
+    files: SourceFiles,
+    layout: Layout,
+    known: np.ndarray,
+    lenient: bool,
+    batch_id: int,
+) -> tuple[int, int]:
+    """Tags validated block by block and loaded as they go. Returns (loaded, rejected).
+
+    Strict: the first bad tag stops the loading, the rest is still read for the report,
+    then RejectedInput rolls the transaction back. Lenient: bad tags become rejects.
+    """
+    if not layout.tags:
+        return 0, 0
+    validator = TagsValidator(layout, known)
+    report = ErrorReport(keep=KEEP_ALL if lenient else 20)
+    rejects: list[dict[str, Any]] = []
+    loaded = 0
+
+    def frames() -> Iterator[pd.DataFrame]:
+        nonlocal loaded
+        for block in validator.blocks(files):
+            for error, kind in block.errors:
+                report.add(error, kind)
+            if lenient:
+                rejects.extend(_reject_rows(batch_id, (e for e, _ in block.errors)))
+            if (lenient or not report.total) and len(block.frame):
+                loaded += len(block.frame)
+                yield block.frame
+
+    if loader.is_postgres(conn):
+        loader.copy_tags(conn, (copy_text(frame) for frame in frames()))
+    else:
+        for frame in frames():
+            loader.insert_tags(conn, frame)
+    if report.total and not lenient:
+        raise RejectedInput(files.description, report)
+    loader.insert_rows(conn, IngestReject.__table__, rejects)
+    return loaded, len(rejects)
+
+
 def ingest_source(
     source: str,
     dataset: str | None = None,
@@ -260,25 +324,15 @@ def ingest_source(
             return _unchanged(batch, time.perf_counter() - clock)
         text_report = ErrorReport(keep=KEEP_ALL if lenient else 20)
         movies = read_movies(files, layout, text_report)
-        read_links(files, layout, movies, text_report)
+        links = read_links(files, layout, text_report)
         users = read_users(files, layout, text_report)
-        tags = read_tags(files, layout, text_report)
         if text_report.total and not lenient:
             raise RejectedInput(files.description, text_report)
         with engine.connect() as conn:
             loader.require_migrated(conn)
             known_in_db = np.array(conn.execute(select(Movie.id)).scalars().all(), dtype=np.int64)
         known = np.union1d(known_in_db, np.fromiter(movies, dtype=np.int64, count=len(movies)))
-        bad_tags = [t for t in tags if not np.isin(t[1], known)]
-        if bad_tags and not lenient:
-            report = ErrorReport()
-            for tag in bad_tags:
-                report.add(
-                    RowError(layout.tags or "", 0, f"tag of unknown movie {tag[1]}"),
-                    "unknown movie",
-                )
-            raise RejectedInput(files.description, report)
-        tags = [t for t in tags if np.isin(t[1], known)]
+        movie_frame = _movie_frame(movies, links)
         timings["text_files"] = round(time.perf_counter() - clock - timings["checksum"], 3)
 
         def new_run() -> _RatingsRun:
@@ -305,7 +359,7 @@ def ingest_source(
                     )
                     .returning(IngestBatch.id)
                 ).scalar_one()
-                loader.upsert(conn, Movie.__table__, [vars(m) for m in movies.values()], "id")
+                loader.upsert_frame(conn, Movie.__table__, movie_frame, "id")
                 loader.upsert(
                     conn,
                     UserProfile.__table__,
@@ -317,41 +371,29 @@ def ingest_source(
                 )
                 if lenient:
                     loader.insert_rows(
-                        conn,
-                        IngestReject.__table__,
-                        [
-                            {
-                                "batch_id": batch_id,
-                                "file": e.file,
-                                "line": e.line,
-                                "reason": e.reason,
-                                "raw": e.raw,
-                            }
-                            for e in text_report.first
-                        ],
+                        conn, IngestReject.__table__, _reject_rows(batch_id, text_report.first)
                     )
+                timings["movies"] = round(time.perf_counter() - mark, 3)
+                mark = time.perf_counter()
+                # Tags before ratings: a rejected tags file fails before the long part.
+                tags, tag_rejects = _load_tags(conn, files, layout, known, lenient, batch_id)
+                timings["tags"] = round(time.perf_counter() - mark, 3)
+                mark = time.perf_counter()
+                if lenient:
                     run, rejected = _load_lenient(conn, new_run, batch_id)
-                    rejected += text_report.total + len(bad_tags)
+                    rejected += text_report.total + tag_rejects
                 else:
                     run = new_run()
                     _load_strict(conn, run, files.description)
                     rejected = 0
                 timings["ratings"] = round(time.perf_counter() - mark, 3)
-                loader.insert_rows(
-                    conn,
-                    Tag.__table__,
-                    [
-                        dict(zip(("user_id", "movie_id", "tag", "tagged_at"), t, strict=True))
-                        for t in tags
-                    ],
-                )
                 seconds = time.perf_counter() - clock
                 timings["total"] = round(seconds, 3)
                 counts = {
                     "ratings": run.valid_rows,
                     "movies": len(movies),
                     "users": run.users,
-                    "tags": len(tags),
+                    "tags": tags,
                     "rejected": rejected,
                 }
                 conn.execute(

@@ -1,6 +1,6 @@
 """Writing a validated source to the database in one transaction.
 
-Postgres takes ratings through `COPY` straight from the validated blocks; SQLite
+Postgres takes ratings, tags and movies through `COPY` from the validated blocks; SQLite
 (the embedded default) through batched inserts. Any error rolls everything back.
 """
 
@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from services.ingest.errors import IngestError
 
 RATING_COLUMNS = "user_id, movie_id, rating, rated_at"
+TAG_COLUMNS = "user_id, movie_id, tag, tagged_at"
 
 
 class CopyStream:
@@ -49,19 +50,78 @@ def copy_ratings(
     columns: str = RATING_COLUMNS,
 ) -> None:
     """Stream raw rows into `table` with COPY, inside the connection's transaction."""
+    copy_rows(conn, chunks, table, columns, "FORMAT csv" if csv_format else "FORMAT text")
+
+
+def copy_rows(
+    conn: Connection, chunks: Iterator[bytes], table: str, columns: str, options: str
+) -> int:
+    """COPY `table` (`columns`) FROM STDIN WITH (`options`) from byte chunks; rows copied."""
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    options = "FORMAT csv" if csv_format else "FORMAT text"
     stream = CopyStream(chunks)
     try:
         cursor.copy_expert(
             f"COPY {table} ({columns}) FROM STDIN WITH ({options})", stream, size=1 << 20
         )
+        return int(cursor.rowcount)
     except Exception:
         if stream.error is not None:
             raise stream.error from None
         raise
     finally:
         cursor.close()
+
+
+def copy_tags(conn: Connection, chunks: Iterator[bytes]) -> int:
+    """Tags as CSV (see `services.ingest.tags.copy_text`) into `tag`; rows copied."""
+    return copy_rows(conn, chunks, "tag", TAG_COLUMNS, "FORMAT csv, FORCE_NOT_NULL (tag)")
+
+
+def insert_tags(conn: Connection, frame: pd.DataFrame) -> None:
+    """Batched INSERT of a frame of tags (the SQLite path)."""
+    rows = list(
+        zip(
+            frame["user_id"].tolist(),
+            frame["movie_id"].tolist(),
+            frame["tag"].tolist(),
+            frame["tagged_at"].tolist(),
+            strict=True,
+        )
+    )
+    if rows:
+        marks = ", ".join("%s" if is_postgres(conn) else "?" for _ in range(4))
+        conn.exec_driver_sql(f"INSERT INTO tag ({TAG_COLUMNS}) VALUES ({marks})", rows)
+
+
+def upsert_frame(conn: Connection, table: Table, frame: pd.DataFrame, key: str) -> None:
+    """`upsert` of a frame; on Postgres through COPY into a staging table, then one merge.
+
+    Nullable integer columns should be pandas' Int64, so absent values stay NULL.
+    """
+    if frame.empty:
+        return
+    if not is_postgres(conn):
+        records = frame.astype(object).where(frame.notna(), None).to_dict("records")
+        upsert(conn, table, records, key)
+        return
+    columns = list(frame.columns)
+    stage = f"{table.name}_stage"
+    conn.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE {stage} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DROP"
+    )
+    # Unquoted empty fields are NULL in CSV; text columns that cannot be NULL keep "".
+    text = [c.name for c in table.columns if c.name in columns and not c.nullable]
+    text = [name for name in text if frame[name].dtype == object]
+    options = "FORMAT csv" + (f", FORCE_NOT_NULL ({', '.join(text)})" if text else "")
+    data = frame.to_csv(header=False, index=False, lineterminator="\n").encode("utf-8")
+    names = ", ".join(columns)
+    copy_rows(conn, iter([data]), stage, names, options)
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c != key)
+    conn.exec_driver_sql(
+        f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {stage} "
+        f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
+    )
+    conn.exec_driver_sql(f"DROP TABLE {stage}")
 
 
 def insert_ratings(

@@ -74,6 +74,16 @@ def raw_blocks(
         first_line = 2
         if on_bytes:
             on_bytes(len(header))
+    for start, raw in line_blocks(stream, first_line, on_bytes):
+        if fmt.family == "dat":
+            raw = raw.replace(b"::", b"\t")
+        yield start, raw
+
+
+def line_blocks(
+    stream: IO[bytes], first_line: int = 1, on_bytes: Callable[[int], None] | None = None
+) -> Iterator[tuple[int, bytes]]:
+    """(first line number, raw bytes) per block of whole lines of about BLOCK_BYTES."""
     # Fixed-size reads cut at the last newline: much cheaper than readlines() + join.
     carry = b""
     while True:
@@ -88,11 +98,8 @@ def raw_blocks(
         raw, carry = data[:cut], data[cut:]
         if on_bytes:
             on_bytes(len(raw))
-        lines = raw.count(b"\n") + (0 if raw.endswith(b"\n") else 1)
-        if fmt.family == "dat":
-            raw = raw.replace(b"::", b"\t")
         yield first_line, raw
-        first_line += lines
+        first_line += raw.count(b"\n") + (0 if raw.endswith(b"\n") else 1)
 
 
 def _fast_parse(raw: bytes, sep: str) -> pd.DataFrame | None:

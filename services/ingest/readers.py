@@ -1,17 +1,21 @@
-"""Readers for the small text files of each layout: movies, users, tags, links.
+"""Readers for the small text files of each layout: movies, users, links.
 
-Each returns rows plus the errors found, naming file and line. Ratings are large and
-streamed by `services.ingest.ratings`.
+Each returns rows plus the errors found, naming file and line. Ratings and tags are
+large and streamed by `services.ingest.ratings` and `services.ingest.tags`.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
 
 from services.ingest.errors import ErrorReport, RowError
 from services.ingest.layouts import Layout, year_from_title
+from services.ingest.ratings import line_blocks
 from services.ingest.sources import SourceFiles
 
 ML_100K_GENRES = [
@@ -48,18 +52,8 @@ class MovieRow:
     tmdb_id: int | None = None
 
 
-@dataclass
-class TextTables:
-    """What the small files hold once parsed."""
-
-    movies: dict[int, MovieRow] = field(default_factory=dict)
-    users: list[tuple[int, int | None, str | None, str | None, str | None]] = field(
-        default_factory=list
-    )
-    tags: list[tuple[int, int, str, int]] = field(default_factory=list)
-
-
-def _int(text: str) -> int | None:
+def parse_int(text: str) -> int | None:
+    """A non-negative integer, or None when the text is not one."""
     text = text.strip()
     if text.lstrip("+").isdigit():
         return int(text)
@@ -130,7 +124,7 @@ def read_movies(files: SourceFiles, layout: Layout, report: ErrorReport) -> dict
                 "wrong column count",
             )
             continue
-        movie_id = _int(fields[0])
+        movie_id = parse_int(fields[0])
         if movie_id is None or movie_id <= 0:
             report.add(
                 RowError(name, number, f"movie id {fields[0]!r} is not a positive integer", raw),
@@ -161,23 +155,126 @@ def read_movies(files: SourceFiles, layout: Layout, report: ErrorReport) -> dict
     return movies
 
 
-def read_links(
-    files: SourceFiles, layout: Layout, movies: dict[int, MovieRow], report: ErrorReport
-) -> None:
-    """Attach IMDb and TMDB ids from links.csv to the movies."""
-    if not layout.links:
-        return
-    records = _csv_records(decoded_lines(files, layout.links, "utf-8", report))
-    for number, fields in records[1:] if records and records[0][1][:1] == ["movieId"] else records:
-        if len(fields) != 3 or _int(fields[0]) is None:
+LINK_COLUMNS = ["id", "imdb_id", "tmdb_id"]
+BAD_LINK = "expected movieId,imdbId,tmdbId"
+_DIGITS = r"\s*\+?\d+\s*"
+_MAX_DIGITS = 18  # fits int64 (the BIGINT columns)
+
+
+def _parse_link_block(file: str, first_line: int, raw: bytes, report: ErrorReport) -> pd.DataFrame:
+    """movieId, imdbId, tmdbId as text per line of a block (pandas; line by line if needed)."""
+    lines = raw.count(b"\n") + (0 if raw.endswith(b"\n") else 1)
+    try:
+        raw.decode("utf-8")
+        frame = pd.read_csv(
+            io.BytesIO(raw),
+            header=None,
+            names=["movie", "imdb", "tmdb", "extra"],
+            dtype=str,
+            keep_default_na=False,
+            na_values=[],
+            skip_blank_lines=False,
+            engine="c",
+        )
+        # pandas pads a short line with "": only a quote-free block of exactly two commas
+        # per line is known to have three fields on every line.
+        if b'"' not in raw and raw.count(b",") == 2 * lines and len(frame) == lines:
+            frame["line"] = np.arange(first_line, first_line + lines, dtype=np.int64)
+            return frame
+    except (UnicodeDecodeError, ValueError, pd.errors.ParserError):
+        pass
+    records: list[tuple[int, str, str, str]] = []
+    numbered = [(first_line + i, line) for i, line in enumerate(raw.splitlines())]
+    good: list[tuple[int, str]] = []
+    for number, line in numbered:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as error:
             report.add(
-                RowError(layout.links, number, "expected movieId,imdbId,tmdbId", ",".join(fields)),
-                "bad link",
+                RowError(
+                    file,
+                    number,
+                    f"not valid utf-8 text: byte 0x{line[error.start]:02x}"
+                    f" at column {error.start + 1}",
+                    line.decode("latin-1"),
+                ),
+                "bad encoding",
             )
             continue
-        movie = movies.get(int(fields[0]))
-        if movie is not None:
-            movie.imdb_id, movie.tmdb_id = _int(fields[1]), _int(fields[2])
+        if text.strip():
+            good.append((number, text))
+    for number, fields in _csv_records(good):
+        if len(fields) != 3:
+            report.add(RowError(file, number, BAD_LINK, ",".join(fields)), "bad link")
+            continue
+        records.append((number, *fields))  # type: ignore[arg-type]
+    frame = pd.DataFrame(records, columns=["line", "movie", "imdb", "tmdb"], dtype=str)
+    frame["line"] = frame["line"].astype(np.int64)
+    return frame
+
+
+def _id_column(text: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:
+    """(Int64 values, is a number, is too long for int64) of a column of id texts."""
+    digits = text.str.strip().str.lstrip("+")
+    numeric = text.str.fullmatch(_DIGITS).to_numpy(dtype=bool)
+    too_long = numeric & (digits.str.len().to_numpy() > _MAX_DIGITS)
+    usable = numeric & ~too_long
+    values = pd.array(np.zeros(len(text), dtype=np.int64), dtype="Int64")
+    if usable.any():
+        values[usable] = digits[usable].astype(np.int64).to_numpy()
+    values[~usable] = pd.NA
+    return pd.Series(values, index=text.index), numeric, too_long
+
+
+def read_links(files: SourceFiles, layout: Layout, report: ErrorReport) -> pd.DataFrame:
+    """IMDb and TMDB ids per movie id from links.csv (LINK_COLUMNS; Int64, NA if absent).
+
+    Read in blocks and checked column-wise, so the cost follows the number of links. A
+    movie listed twice keeps its last line; an id that is not a number reads as absent.
+    """
+    empty = pd.DataFrame({c: pd.array([], dtype="Int64") for c in LINK_COLUMNS})
+    if not layout.links:
+        return empty
+    name, parts = layout.links, []
+    with files.open(name) as stream:
+        header = stream.readline()
+        first_line = 2
+        if header and header.split(b",", 1)[0].strip() != b"movieId":
+            first_line = 1
+            stream = io.BytesIO(header + stream.read())  # no header: the first line is a link
+        for start, raw in line_blocks(stream, first_line):
+            frame = _parse_link_block(name, start, raw, report)
+            movie, numeric, _ = _id_column(frame["movie"])
+            for index in np.flatnonzero(~numeric):
+                row = frame.iloc[index]
+                report.add(
+                    RowError(
+                        name, int(row["line"]), BAD_LINK, f"{row.movie},{row.imdb},{row.tmdb}"
+                    ),
+                    "bad link",
+                )
+            imdb, _, imdb_long = _id_column(frame["imdb"])
+            tmdb, _, tmdb_long = _id_column(frame["tmdb"])
+            for index in np.flatnonzero(numeric & (imdb_long | tmdb_long)):
+                row = frame.iloc[index]
+                report.add(
+                    RowError(
+                        name,
+                        int(row["line"]),
+                        f"imdbId {row.imdb.strip()!r} or tmdbId {row.tmdb.strip()!r} is out of "
+                        "range",
+                        f"{row.movie},{row.imdb},{row.tmdb}",
+                    ),
+                    "bad link",
+                )
+            keep = numeric & ~imdb_long & ~tmdb_long & movie.notna().to_numpy(dtype=bool)
+            parts.append(
+                pd.DataFrame({"id": movie[keep], "imdb_id": imdb[keep], "tmdb_id": tmdb[keep]})
+            )
+    if not parts:
+        return empty
+    links = pd.concat(parts, ignore_index=True)
+    return links.drop_duplicates("id", keep="last").reset_index(drop=True)
 
 
 def read_users(files: SourceFiles, layout: Layout, report: ErrorReport) -> list[tuple]:
@@ -188,7 +285,7 @@ def read_users(files: SourceFiles, layout: Layout, report: ErrorReport) -> list[
     lines = decoded_lines(files, name, layout.format.encoding, report)
     users = []
     for number, fields in _split(lines, "|" if family == "100k" else "::"):
-        if len(fields) != 5 or _int(fields[0]) is None:
+        if len(fields) != 5 or parse_int(fields[0]) is None:
             report.add(
                 RowError(
                     name,
@@ -206,41 +303,10 @@ def read_users(files: SourceFiles, layout: Layout, report: ErrorReport) -> list[
         users.append(
             (
                 int(user_id),
-                _int(age),
+                parse_int(age),
                 gender.strip() or None,
                 occupation.strip() or None,
                 zip_code.strip() or None,
             )
         )
     return users
-
-
-def read_tags(files: SourceFiles, layout: Layout, report: ErrorReport) -> list[tuple]:
-    """Free-text tags (ml-10m tags.dat, tags.csv of the CSV releases)."""
-    if not layout.tags:
-        return []
-    name = layout.tags
-    lines = decoded_lines(files, name, layout.format.encoding, report)
-    if layout.format.family == "csv":
-        records = _csv_records(lines)
-        if records and records[0][1][:1] == ["userId"]:
-            records = records[1:]
-    else:
-        records = _split(lines, "::")
-    tags = []
-    for number, fields in records:
-        parsed = (
-            [_int(fields[0]), _int(fields[1]), None, _int(fields[-1])]
-            if len(fields) >= 4
-            else [None]
-        )
-        if len(fields) != 4 or None in (parsed[0], parsed[1], parsed[3]):
-            report.add(
-                RowError(
-                    name, number, "expected userId, movieId, tag, timestamp", "|".join(fields)
-                ),
-                "bad tag",
-            )
-            continue
-        tags.append((parsed[0], parsed[1], fields[2], parsed[3]))
-    return tags

@@ -19,9 +19,12 @@ if str(ROOT) not in sys.path:  # `bench` is a folder of scripts, not an installe
 
 from bench.common import libpq_dsn  # noqa: E402
 from bench.datagen import (  # noqa: E402
+    FIRST_TAG_TIMESTAMP,
     FIRST_TIMESTAMP,
     LAST_TIMESTAMP,
     MIN_USER_RATINGS,
+    ML25M_RATINGS,
+    ML25M_TAGS,
     Shape,
     _sample_light,
     ensure_dataset,
@@ -32,6 +35,8 @@ from bench.ingest import DEFAULT_ADMIN_URL  # noqa: E402
 
 ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", DEFAULT_ADMIN_URL)
 JSON_KEYS = {"rows", "ingest_rows_per_s", "copy_rows_per_s", "ratio", "peak_rss_mb"}
+FILE_KEYS = {"tags", "links", "ingest_s", "copy_s", "copy_s_ratings", "copy_s_movies",
+             "copy_s_tags", "copy_s_links", "ingest_s_tags", "ingest_s_ratings"}
 
 
 def _postgres_reachable() -> bool:
@@ -72,6 +77,21 @@ def test_generated_data_is_ml25m_shaped(tmp_path: Path, ratings: int) -> None:
     assert set(frame["movieId"]) <= set(movies["movieId"])
     assert movies["title"].str.fullmatch(r"Movie \d+ \(\d{4}\)").all()
 
+    tags = pd.read_csv(dataset.tags_csv, keep_default_na=False)
+    assert list(tags.columns) == ["userId", "movieId", "tag", "timestamp"]
+    assert len(tags) == shape.tags == round(ML25M_TAGS * ratings / ML25M_RATINGS)
+    assert set(tags["movieId"]) <= set(movies["movieId"])
+    assert tags["userId"].between(1, shape.users).all()
+    assert tags["timestamp"].between(FIRST_TAG_TIMESTAMP, LAST_TIMESTAMP).all()
+    assert tags["userId"].is_monotonic_increasing  # sorted by user, as GroupLens ships it
+    if len(tags) > 100:  # texts that need CSV quoting survive a CSV reader
+        assert tags["tag"].str.contains(",").any() and tags["tag"].str.contains('"').any()
+    links = pd.read_csv(dataset.links_csv, dtype=str, keep_default_na=False)
+    assert list(links.columns) == ["movieId", "imdbId", "tmdbId"]
+    assert links["movieId"].astype(int).tolist() == movies["movieId"].tolist()
+    assert links["imdbId"].str.fullmatch(r"\d{7}").all() and links["imdbId"].is_unique
+    assert links["tmdbId"].str.fullmatch(r"\d*").all()
+
 
 def test_generator_is_seeded(tmp_path: Path) -> None:
     first = generate(Shape.scaled(5_000, seed=3), tmp_path / "a")
@@ -79,6 +99,9 @@ def test_generator_is_seeded(tmp_path: Path) -> None:
     other = generate(Shape.scaled(5_000, seed=4), tmp_path / "c")
     assert first.ratings_csv.read_bytes() == again.ratings_csv.read_bytes()
     assert first.movies_csv.read_bytes() == again.movies_csv.read_bytes()
+    assert first.tags_csv.read_bytes() == again.tags_csv.read_bytes()
+    assert first.links_csv.read_bytes() == again.links_csv.read_bytes()
+    assert first.tags_csv.read_bytes() != other.tags_csv.read_bytes()
     assert first.ratings_csv.read_bytes() != other.ratings_csv.read_bytes()
 
 
@@ -128,8 +151,13 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
     lines = completed.stdout.strip().splitlines()
     assert len(lines) > 1  # human-readable lines come first
     figures = json.loads(lines[-1])
-    assert set(figures) == JSON_KEYS
+    assert JSON_KEYS | FILE_KEYS <= set(figures)
     assert figures["rows"] == 5000
+    assert figures["tags"] == Shape.scaled(5000).tags > 0
+    assert figures["links"] == Shape.scaled(5000).movies
+    copies = sum(figures[f"copy_s_{name}"] for name in ("ratings", "movies", "tags", "links"))
+    assert copies <= figures["copy_s"]
+    assert figures["ratio"] == pytest.approx(figures["ingest_s"] / figures["copy_s"], rel=0.01)
     assert figures["ratio"] > 0
     assert figures["peak_rss_mb"] > 0
     assert figures["ingest_rows_per_s"] > 0 and figures["copy_rows_per_s"] > 0
