@@ -11,7 +11,13 @@ from implicit.cpu.als import AlternatingLeastSquares
 
 import shared.recommenders as recommenders
 from services.train.algorithms import ALGORITHMS, fit_algorithm
-from shared.recommenders import FactorModel, Recommender, from_arrays, top_k
+from shared.recommenders import (
+    FactoredSimilarityModel,
+    FactorModel,
+    Recommender,
+    from_arrays,
+    top_k,
+)
 
 # Small factor counts and few iterations keep these fits instantaneous.
 TINY_PARAMS = {
@@ -21,6 +27,7 @@ TINY_PARAMS = {
     "itemknn_bm25": {"neighbours": 10},
     "ease": {"l2": 5.0},
     "popular": {},
+    "sparse_ease": {"l2": 5.0, "target_density": 0.5},
 }
 
 
@@ -142,6 +149,38 @@ def test_ease_is_the_closed_form(ratings: sp.csr_matrix) -> None:
 def test_ease_refuses_too_many_items(ratings: sp.csr_matrix) -> None:
     with pytest.raises(ValueError, match=r"30 items exceeds max_items=20 \(about"):
         fit_algorithm("ease", ratings, {"max_items": 20})
+
+
+def test_sparse_ease_at_full_density_is_the_closed_form(ratings: sp.csr_matrix) -> None:
+    model = fit_algorithm("sparse_ease", ratings, {"l2": 3.0, "target_density": 1.0})
+    assert isinstance(model, FactoredSimilarityModel)
+    left, right = model.factors
+    weights = (left @ right).toarray() + np.eye(30)
+    binary = (ratings > 0).astype(np.float64).toarray()
+    inverse = np.linalg.inv(binary.T @ binary + 3.0 * np.eye(30))
+    expected = np.eye(30) - inverse / np.diag(inverse)
+    np.testing.assert_allclose(weights, expected, atol=1e-2)  # the inverse of L is iterated
+    np.testing.assert_allclose(np.diag(weights), 0.0, atol=1e-5)
+
+
+def test_sparse_ease_keeps_its_factors_sparse_and_is_reproducible(
+    ratings: sp.csr_matrix,
+) -> None:
+    params = {"l2": 3.0, "target_density": 0.1}
+    first = fit_algorithm("sparse_ease", ratings, params, seed=1)
+    again = fit_algorithm("sparse_ease", ratings, params, seed=1)
+    assert isinstance(first, FactoredSimilarityModel) and isinstance(again, FactoredSimilarityModel)
+    dense = fit_algorithm("sparse_ease", ratings, {"l2": 3.0, "target_density": 1.0})
+    assert sum(f.nnz for f in first.factors) < 0.6 * sum(f.nnz for f in dense.factors)
+    for a, b in zip(first.factors, again.factors, strict=True):
+        np.testing.assert_array_equal(a.toarray(), b.toarray())
+    capped = fit_algorithm("sparse_ease", ratings, {**params, "max_item_weights": 2})
+    assert max(f.nnz for f in capped.factors) < max(f.nnz for f in first.factors)
+
+
+def test_sparse_ease_refuses_an_unknown_factorizer(ratings: sp.csr_matrix) -> None:
+    with pytest.raises(ValueError, match="factorizer must be 'cholmod' or 'icf', got 'lu'"):
+        fit_algorithm("sparse_ease", ratings, {"factorizer": "lu"})
 
 
 def test_bad_requests_are_explained(ratings: sp.csr_matrix) -> None:
