@@ -141,23 +141,57 @@ def _import_sansa() -> Any:
     return sansa
 
 
+def _pruned_gram(matrix: sp.csr_matrix, per_item: int, block_cells: int = 2**24
+                 ) -> sp.csr_matrix:
+    """X^T X keeping, per item, its ``per_item`` largest co-occurrences (and its diagonal),
+    made symmetric: computed a block of items at a time, so at most ``block_cells``
+    products are held at once besides the result (items x per_item, twice)."""
+    n_items = matrix.shape[1]
+    by_item, by_column = matrix.T.tocsr(), matrix.tocsc()
+    rows, columns, values = [], [], []
+    width = max(1, block_cells // max(n_items, 1))
+    for start in range(0, n_items, width):
+        part = sp.csc_matrix(by_item @ by_column[:, start:start + width])
+        for j in range(part.shape[1]):
+            lo, hi = part.indptr[j], part.indptr[j + 1]
+            index, value = part.indices[lo:hi], part.data[lo:hi]
+            if hi - lo > per_item:
+                keep = np.argpartition(-np.abs(value), per_item - 1)[:per_item]
+                index, value = index[keep], value[keep]
+            rows.append(index)
+            columns.append(np.full(len(index), start + j, dtype=np.int64))
+            values.append(value)
+    kept = sp.csr_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))),
+                         shape=(n_items, n_items), dtype=np.float32)
+    gram = kept.maximum(kept.T).tolil()
+    gram.setdiag(np.asarray(matrix.multiply(matrix).sum(axis=0)).ravel())
+    return sp.csr_matrix(gram)
+
+
 def _fit_sparse_ease(
     train_csr: sp.spmatrix, params: Params, seed: int, num_threads: int = 0
 ) -> FactoredSimilarityModel:
     """SANSA (Spisak et al., RecSys 2023): EASE with its inverse kept sparse.
 
-    An LDL^T factorisation of P (X^T X + l2*I) P^T (CHOLMOD, exact then pruned, or an
-    incomplete one) and a sparse approximate inverse of L give P^-1 ~ W^T D^-1 W, so
-    B = I - P^-1 / diag(P^-1) ~ I + W^T (D^-1 W / -diag), each factor holding about
-    ``target_density`` * items^2 weights. Deterministic: nothing in it draws random numbers.
+    An LDL^T factorisation of P (X^T X + l2*I) P^T and a sparse approximate inverse of L
+    give P^-1 ~ W^T D^-1 W, so B = I - P^-1 / diag(P^-1) ~ I + W^T (D^-1 W / -diag), each
+    factor holding about ``target_density`` * items^2 weights (at most ``max_item_weights``
+    per item). Factorizer "cholmod" factorises exactly, then prunes; "icf" (SANSA's
+    incomplete factorisation, on its item-normalised Gram) works from X^T X pruned to
+    ``max_item_weights`` entries per item, built in blocks, so memory follows the items
+    and not their squares; "auto" takes "cholmod" up to ``exact_max_items`` items.
+    Deterministic: nothing in it draws random numbers.
     """
     sansa = _import_sansa()
     weighting, matrix = _weighted(train_csr, params)
-    n_items = matrix.shape[1]
-    density = min(float(params["target_density"]), float(params["max_item_weights"]) / n_items)
+    n_items, per_item = matrix.shape[1], int(params["max_item_weights"])
+    density = min(float(params["target_density"]), per_item / n_items)
     factorizer = str(params["factorizer"])
-    if factorizer not in ("cholmod", "icf"):
-        raise ValueError(f"sparse_ease factorizer must be 'cholmod' or 'icf', got {factorizer!r}")
+    if factorizer not in ("auto", "cholmod", "icf"):
+        raise ValueError(
+            f"sparse_ease factorizer must be 'auto', 'cholmod' or 'icf', got {factorizer!r}")
+    if factorizer == "auto":
+        factorizer = "cholmod" if n_items <= int(params["exact_max_items"]) else "icf"
     config = sansa.SANSAConfig(
         l2=float(params["l2"]),
         weight_matrix_density=density,
@@ -170,8 +204,17 @@ def _fit_sparse_ease(
 
     threads = num_threads or default_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    matrix = sp.csr_matrix(matrix, dtype=np.float32)
     with threadpool_limits(threads, "blas"):
-        left, right = sansa.SANSA(config).fit(sp.csr_matrix(matrix, dtype=np.float32)).weights
+        if factorizer == "cholmod":
+            fitted = sansa.SANSA(config).fit(matrix)
+        else:
+            # CSC with int64 indices: the layout SANSA's compiled incomplete factorisation takes
+            # (the Gram is symmetric, so CSC holds the same matrix).
+            gram = sp.csc_matrix(_pruned_gram(matrix, per_item))
+            gram.indices, gram.indptr = gram.indices.astype(np.int64), gram.indptr.astype(np.int64)
+            fitted = sansa.SANSA(config).fit(gram, compute_gramian=False)
+    left, right = fitted.weights
     return FactoredSimilarityModel("sparse_ease", weighting, left, right)
 
 
@@ -278,12 +321,13 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         defaults={"l2": 412.8, "max_items": 10_000},
         search_space={"l2": Dimension("float", 10.0, 5000.0, log=True)},
     ),
-    # max_item_weights caps each factor at that many weights per item whatever the density
-    # (bounded memory on large catalogues); factorizer "icf" never forms the exact factor.
+    # max_item_weights caps each factor (and, with "icf", the Gram) at that many weights per
+    # item whatever the density: memory bounded on large catalogues.
     "sparse_ease": AlgorithmSpec(
         "sparse_ease", _fit_sparse_ease, n_trials=15,
         defaults={"l2": 412.8, "target_density": 0.05, "max_item_weights": 500,
-                  "factorizer": "cholmod", "umr_scans": 1, "umr_finetune_steps": 5},
+                  "factorizer": "auto", "exact_max_items": 10_000, "umr_scans": 1,
+                  "umr_finetune_steps": 5},
         search_space={"l2": Dimension("float", 10.0, 5000.0, log=True),
                       "target_density": Dimension("float", 0.005, 0.2, log=True)},
     ),

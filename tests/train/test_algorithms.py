@@ -10,7 +10,7 @@ import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 
 import shared.recommenders as recommenders
-from services.train.algorithms import ALGORITHMS, fit_algorithm
+from services.train.algorithms import ALGORITHMS, _pruned_gram, fit_algorithm
 from shared.recommenders import (
     FactoredSimilarityModel,
     FactorModel,
@@ -178,8 +178,31 @@ def test_sparse_ease_keeps_its_factors_sparse_and_is_reproducible(
     assert max(f.nnz for f in capped.factors) < max(f.nnz for f in first.factors)
 
 
+def test_sparse_ease_incomplete_factorisation_follows_the_tastes(ratings: sp.csr_matrix) -> None:
+    model = fit_algorithm("sparse_ease", ratings, {"l2": 0.1, "factorizer": "icf",
+                                                   "max_item_weights": 20})
+    assert isinstance(model, FactoredSimilarityModel)
+    assert max(f.nnz for f in model.factors) <= 20 * 30
+    ids, _ = model.recommend(np.arange(40), ratings, k=5)
+    own_group = np.where(np.arange(40)[:, None] < 20, ids < 15, ids >= 15)
+    # Half of a user's own group is seen, so unseen items drawn at random would be ~36% theirs.
+    assert own_group.mean() >= 0.55
+
+
+def test_pruned_gram_keeps_the_largest_co_occurrences_symmetric(ratings: sp.csr_matrix) -> None:
+    binary = sp.csr_matrix((ratings > 0).astype(np.float32))
+    gram = (binary.T @ binary).toarray()
+    pruned = _pruned_gram(binary, 5, block_cells=7 * 30).toarray()  # blocks of 7 items
+    np.testing.assert_array_equal(pruned, pruned.T)
+    np.testing.assert_array_equal(np.diag(pruned), np.diag(gram))
+    kept = pruned != 0
+    np.testing.assert_array_equal(pruned[kept], gram[kept])
+    assert kept.sum() <= 2 * 5 * 30 + 30 and kept.sum() < (gram != 0).sum()  # both halves kept
+    np.testing.assert_array_equal(_pruned_gram(binary, 30).toarray(), gram)
+
+
 def test_sparse_ease_refuses_an_unknown_factorizer(ratings: sp.csr_matrix) -> None:
-    with pytest.raises(ValueError, match="factorizer must be 'cholmod' or 'icf', got 'lu'"):
+    with pytest.raises(ValueError, match="factorizer must be 'auto', 'cholmod' or 'icf', got 'lu'"):
         fit_algorithm("sparse_ease", ratings, {"factorizer": "lu"})
 
 
