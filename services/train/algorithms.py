@@ -325,7 +325,7 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
     # item whatever the density: memory bounded on large catalogues.
     "sparse_ease": AlgorithmSpec(
         "sparse_ease", _fit_sparse_ease, n_trials=15,
-        defaults={"l2": 412.8, "target_density": 0.05, "max_item_weights": 500,
+        defaults={"l2": 425.1, "target_density": 0.1588, "max_item_weights": 500,
                   "factorizer": "auto", "exact_max_items": 10_000, "umr_scans": 1,
                   "umr_finetune_steps": 5},
         search_space={"l2": Dimension("float", 10.0, 5000.0, log=True),
