@@ -163,9 +163,11 @@ def _pruned_gram(matrix: sp.csr_matrix, per_item: int, block_cells: int = 2**24
             values.append(value)
     kept = sp.csr_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))),
                          shape=(n_items, n_items), dtype=np.float32)
-    gram = kept.maximum(kept.T).tolil()
-    gram.setdiag(np.asarray(matrix.multiply(matrix).sum(axis=0)).ravel())
-    return sp.csr_matrix(gram)
+    gram = sp.csr_matrix(kept.maximum(kept.T))
+    diagonal = np.asarray(matrix.multiply(matrix).sum(axis=0), dtype=np.float32).ravel()
+    gram = gram + sp.diags(diagonal - gram.diagonal(), format="csr", dtype=np.float32)
+    gram.eliminate_zeros()
+    return sp.csr_matrix(gram, dtype=np.float32)
 
 
 def _fit_sparse_ease(
