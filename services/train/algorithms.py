@@ -165,6 +165,9 @@ def _pruned_gram(matrix: sp.csr_matrix, per_item: int, block_cells: int = 2**24
                          shape=(n_items, n_items), dtype=np.float32)
     gram = sp.csr_matrix(kept.maximum(kept.T))
     diagonal = np.asarray(matrix.multiply(matrix).sum(axis=0), dtype=np.float32).ravel()
+    # An item nobody interacted with keeps a tiny diagonal, so that every row of the Gram
+    # holds an entry (SANSA's row norms assume it); no user's score depends on it.
+    diagonal = np.maximum(diagonal, np.float32(1e-6))
     gram = gram + sp.diags(diagonal - gram.diagonal(), format="csr", dtype=np.float32)
     gram.eliminate_zeros()
     return sp.csr_matrix(gram, dtype=np.float32)

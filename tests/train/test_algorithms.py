@@ -199,6 +199,8 @@ def test_pruned_gram_keeps_the_largest_co_occurrences_symmetric(ratings: sp.csr_
     np.testing.assert_array_equal(pruned[kept], gram[kept])
     assert kept.sum() <= 2 * 5 * 30 + 30 and kept.sum() < (gram != 0).sum()  # both halves kept
     np.testing.assert_array_equal(_pruned_gram(binary, 30).toarray(), gram)
+    unrated = sp.hstack([binary, sp.csr_matrix((40, 1))]).tocsr()  # an item nobody rated
+    assert _pruned_gram(unrated, 5)[30, 30] > 0 and _pruned_gram(unrated, 5)[30].nnz == 1
 
 
 def test_sparse_ease_refuses_an_unknown_factorizer(ratings: sp.csr_matrix) -> None:
