@@ -8,8 +8,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # libgomp1: the `implicit` wheels load OpenMP at run time and slim does not ship it.
+# libsuitesparse-dev, gcc, libc6-dev: scikit-sparse (sparse_ease's Cholesky) has no wheel and
+# compiles against CHOLMOD at install; the CHOLMOD libraries stay for run time.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgomp1 \
+    && apt-get install -y --no-install-recommends libgomp1 libsuitesparse-dev gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

@@ -28,6 +28,7 @@ MODEL_KINDS = {
     "itemknn_cosine": "item_similarity",
     "itemknn_bm25": "item_similarity",
     "popular": "popularity",
+    "sparse_ease": "item_similarity",
 }
 
 
@@ -293,6 +294,39 @@ class ItemSimilarityModel(Recommender):
         }
 
 
+class FactoredSimilarityModel(Recommender):
+    """An item x item matrix kept as two sparse factors, B = I + left @ right (sparse EASE):
+    score = weighted history row @ B, computed as (row @ left) @ right + row, so the
+    items x items product itself is never formed."""
+
+    def __init__(self, algorithm: str, weighting: Weighting, left: sp.spmatrix,
+                 right: sp.spmatrix) -> None:
+        left, right = sp.csr_matrix(left, dtype=np.float32), sp.csr_matrix(right, dtype=np.float32)
+        if left.shape[0] != right.shape[1] or left.shape[1] != right.shape[0]:
+            raise ValueError(f"factors of shapes {left.shape} and {right.shape} do not make an "
+                             "items x items matrix")
+        super().__init__(algorithm, weighting, left.shape[0])
+        self.factors = (left, right)
+
+    def _score(self, user_indices: np.ndarray, rows: sp.csr_matrix) -> np.ndarray:
+        left, right = self.factors
+        rows = sp.csr_matrix(rows, dtype=np.float32)
+        return np.asarray(((rows @ left) @ right + rows).toarray())
+
+    def _item_similarities(self, item_idx: int) -> np.ndarray:
+        left, right = self.factors
+        row = (left[item_idx] @ right).toarray()[0]
+        return np.where(row != 0, row, -np.inf)  # pruned pairs must not outrank real ones
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        arrays: dict[str, np.ndarray] = {}
+        for name, factor in zip(("left", "right"), self.factors, strict=True):
+            arrays.update({f"{name}.data": factor.data, f"{name}.indices": factor.indices,
+                           f"{name}.indptr": factor.indptr,
+                           f"{name}.shape": np.array(factor.shape)})
+        return arrays
+
+
 class PopularityModel(Recommender):
     """Most-popular baseline: every user gets the items with most training interactions."""
 
@@ -320,13 +354,21 @@ def from_arrays(arrays: Mapping[str, np.ndarray]) -> Recommender:
         return FactorModel(algorithm, weighting, user_factors, item_factors, regularization, alpha)
     if algorithm == "popular":
         return PopularityModel(algorithm, weighting, arrays["popularity"])
+    if algorithm == "sparse_ease":
+        left, right = (_csr_from_arrays(arrays, name) for name in ("left", "right"))
+        return FactoredSimilarityModel(algorithm, weighting, left, right)
     if algorithm in ("ease", "itemknn_cosine", "itemknn_bm25"):
         if "similarity" in arrays:
             return ItemSimilarityModel(algorithm, weighting, np.asarray(arrays["similarity"]))
-        parts = (arrays[f"similarity.{p}"] for p in ("data", "indices", "indptr"))
-        shape = tuple(int(x) for x in arrays["similarity.shape"])
-        return ItemSimilarityModel(algorithm, weighting, sp.csr_matrix(tuple(parts), shape=shape))
+        return ItemSimilarityModel(algorithm, weighting, _csr_from_arrays(arrays, "similarity"))
     raise ValueError(f"unknown algorithm {algorithm!r} in arrays; known: {sorted(MODEL_KINDS)}")
+
+
+def _csr_from_arrays(arrays: Mapping[str, np.ndarray], name: str) -> sp.csr_matrix:
+    """The CSR matrix stored as ``name.data``, ``.indices``, ``.indptr`` and ``.shape``."""
+    parts = tuple(arrays[f"{name}.{p}"] for p in ("data", "indices", "indptr"))
+    shape = tuple(int(x) for x in arrays[f"{name}.shape"])
+    return sp.csr_matrix(parts, shape=shape)
 
 
 def evaluate_model(

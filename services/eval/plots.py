@@ -24,7 +24,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 ALGORITHM_COLOURS = {
     "als": "#0072B2", "bpr": "#CC79A7", "ease": "#009E73", "itemknn_cosine": "#E69F00",
-    "itemknn_bm25": "#56B4E9", "popular": "#8C8C8C",
+    "itemknn_bm25": "#56B4E9", "popular": "#8C8C8C", "sparse_ease": "#44AA99",
 }
 EXTRA_COLOURS = ("#D55E00", "#F0E442", "#332288", "#882255", "#117733")
 VARIANT_COLOURS = {"champion": "#1F3B57", "challenger": "#D55E00"}

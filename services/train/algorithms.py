@@ -11,6 +11,7 @@ arrays (``to_arrays``/``from_arrays``) so they can be stored as npz without pick
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from shared.features import Weighting
 from shared.recommenders import (
+    FactoredSimilarityModel,
     FactorModel,
     ItemSimilarityModel,
     PopularityModel,
@@ -115,8 +117,8 @@ def _fit_ease(
     if n_items > cap:
         raise ValueError(
             f"EASE needs dense item x item matrices: {n_items} items exceeds max_items={cap} "
-            f"(about {2 * n_items**2 * 8 / 1e9:.1f} GB); drop rare items with "
-            "filter_min_interactions or raise max_items"
+            f"(about {2 * n_items**2 * 8 / 1e9:.1f} GB); use sparse_ease, its sparse "
+            "approximation, or drop rare items with filter_min_interactions or raise max_items"
         )
     weighting, matrix = _weighted(train_csr, params)
     with threadpool_limits(num_threads or default_num_threads(), "blas"):
@@ -126,6 +128,99 @@ def _fit_ease(
     weights = -inverse / np.diag(inverse)  # column j scaled by -1/P_jj, i.e. I - P/diag(P)
     weights[np.diag_indices(n_items)] = 0.0
     return ItemSimilarityModel("ease", weighting, weights.astype(np.float32))
+
+
+def _import_sansa() -> Any:
+    """The ``sansa`` package, imported without the root logging handler it installs."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    import sansa  # its import calls logging.basicConfig(level=INFO)
+
+    root.handlers[:], root.level = handlers, level
+    logging.getLogger("sansa").setLevel(logging.WARNING)  # a line per step is noise in workers
+    return sansa
+
+
+def _pruned_gram(matrix: sp.csr_matrix, per_item: int, block_cells: int = 2**24
+                 ) -> sp.csr_matrix:
+    """X^T X keeping, per item, its ``per_item`` largest co-occurrences (and its diagonal),
+    made symmetric: computed a block of items at a time, so at most ``block_cells``
+    products are held at once besides the result (items x per_item, twice)."""
+    n_items = matrix.shape[1]
+    by_item, by_column = matrix.T.tocsr(), matrix.tocsc()
+    rows, columns, values = [], [], []
+    width = max(1, block_cells // max(n_items, 1))
+    for start in range(0, n_items, width):
+        part = sp.csc_matrix(by_item @ by_column[:, start:start + width])
+        for j in range(part.shape[1]):
+            lo, hi = part.indptr[j], part.indptr[j + 1]
+            index, value = part.indices[lo:hi], part.data[lo:hi]
+            if hi - lo > per_item:
+                keep = np.argpartition(-np.abs(value), per_item - 1)[:per_item]
+                index, value = index[keep], value[keep]
+            rows.append(index)
+            columns.append(np.full(len(index), start + j, dtype=np.int64))
+            values.append(value)
+    kept = sp.csr_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))),
+                         shape=(n_items, n_items), dtype=np.float32)
+    gram = sp.csr_matrix(kept.maximum(kept.T))
+    diagonal = np.asarray(matrix.multiply(matrix).sum(axis=0), dtype=np.float32).ravel()
+    # An item nobody interacted with keeps a tiny diagonal, so that every row of the Gram
+    # holds an entry (SANSA's row norms assume it); no user's score depends on it.
+    diagonal = np.maximum(diagonal, np.float32(1e-6))
+    gram = gram + sp.diags(diagonal - gram.diagonal(), format="csr", dtype=np.float32)
+    gram.eliminate_zeros()
+    return sp.csr_matrix(gram, dtype=np.float32)
+
+
+def _fit_sparse_ease(
+    train_csr: sp.spmatrix, params: Params, seed: int, num_threads: int = 0
+) -> FactoredSimilarityModel:
+    """SANSA (Spisak et al., RecSys 2023): EASE with its inverse kept sparse.
+
+    An LDL^T factorisation of P (X^T X + l2*I) P^T and a sparse approximate inverse of L
+    give P^-1 ~ W^T D^-1 W, so B = I - P^-1 / diag(P^-1) ~ I + W^T (D^-1 W / -diag), each
+    factor holding about ``target_density`` * items^2 weights (at most ``max_item_weights``
+    per item). Factorizer "cholmod" factorises exactly, then prunes; "icf" (SANSA's
+    incomplete factorisation, on its item-normalised Gram) works from X^T X pruned to
+    ``max_item_weights`` entries per item, built in blocks, so memory follows the items
+    and not their squares; "auto" takes "cholmod" up to ``exact_max_items`` items.
+    Deterministic: nothing in it draws random numbers.
+    """
+    sansa = _import_sansa()
+    weighting, matrix = _weighted(train_csr, params)
+    n_items, per_item = matrix.shape[1], int(params["max_item_weights"])
+    density = min(float(params["target_density"]), per_item / n_items)
+    factorizer = str(params["factorizer"])
+    if factorizer not in ("auto", "cholmod", "icf"):
+        raise ValueError(
+            f"sparse_ease factorizer must be 'auto', 'cholmod' or 'icf', got {factorizer!r}")
+    if factorizer == "auto":
+        factorizer = "cholmod" if n_items <= int(params["exact_max_items"]) else "icf"
+    config = sansa.SANSAConfig(
+        l2=float(params["l2"]),
+        weight_matrix_density=density,
+        gramian_factorizer_config=(sansa.CHOLMODGramianFactorizerConfig() if factorizer == "cholmod"
+                                   else sansa.ICFGramianFactorizerConfig()),
+        lower_triangle_inverter_config=sansa.UMRUnitLowerTriangleInverterConfig(
+            scans=int(params["umr_scans"]), finetune_steps=int(params["umr_finetune_steps"])),
+    )
+    import numba
+
+    threads = num_threads or default_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    with threadpool_limits(threads, "blas"):
+        if factorizer == "cholmod":
+            fitted = sansa.SANSA(config).fit(matrix)
+        else:
+            # CSC with int64 indices: the layout SANSA's compiled incomplete factorisation takes
+            # (the Gram is symmetric, so CSC holds the same matrix).
+            gram = sp.csc_matrix(_pruned_gram(matrix, per_item))
+            gram.indices, gram.indptr = gram.indices.astype(np.int64), gram.indptr.astype(np.int64)
+            fitted = sansa.SANSA(config).fit(gram, compute_gramian=False)
+    left, right = fitted.weights
+    return FactoredSimilarityModel("sparse_ease", weighting, left, right)
 
 
 def _fit_popular(
@@ -230,6 +325,16 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         "ease", _fit_ease, n_trials=15,
         defaults={"l2": 412.8, "max_items": 10_000},
         search_space={"l2": Dimension("float", 10.0, 5000.0, log=True)},
+    ),
+    # max_item_weights caps each factor (and, with "icf", the Gram) at that many weights per
+    # item whatever the density: memory bounded on large catalogues.
+    "sparse_ease": AlgorithmSpec(
+        "sparse_ease", _fit_sparse_ease, n_trials=15,
+        defaults={"l2": 425.1, "target_density": 0.1588, "max_item_weights": 500,
+                  "factorizer": "auto", "exact_max_items": 10_000, "umr_scans": 1,
+                  "umr_finetune_steps": 5},
+        search_space={"l2": Dimension("float", 10.0, 5000.0, log=True),
+                      "target_density": Dimension("float", 0.005, 0.2, log=True)},
     ),
     "popular": AlgorithmSpec("popular", _fit_popular, defaults={}, search_space={}),
 }  # fmt: skip

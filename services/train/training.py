@@ -24,6 +24,8 @@ from shared.settings import get_settings
 
 Progress = Callable[[str, dict[str, Any]], None]
 DEFAULT_ALGORITHMS = ("popular", "itemknn_cosine", "itemknn_bm25", "als", "bpr", "ease")
+# What the default list trains instead of an algorithm the catalogue is too large for.
+CAPPED_REPLACEMENTS = {"ease": "sparse_ease"}
 
 
 class TrainingError(RecsysError):
@@ -136,8 +138,11 @@ def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None
     data = load_snapshot(snapshot)
     if algorithms is None:
         # By default, leave out what cannot fit this catalogue (EASE's dense item x item
-        # matrices above max_items); asked for by name, it fails with its own message.
+        # matrices above max_items) and train its sparse form in its place; asked for by
+        # name, dense EASE fails with its own message.
         n_items = len(data.arrays["item_ids"])
-        names = [n for n in names if n_items <= default_params(n).get("max_items", n_items)]
+        names = [n if n_items <= default_params(n).get("max_items", n_items) else
+                 CAPPED_REPLACEMENTS.get(n, "") for n in names]
+        names = [n for n in names if n]
     return [fit_on_snapshot(data, name, tune=tune, n_trials=n_trials, progress=progress,
                             cv_folds=cv_folds) for name in names]

@@ -46,7 +46,7 @@ class World:
 
     template: str
     model_path: Path
-    versions: dict[str, int]  # als, als_wide, itemknn
+    versions: dict[str, int]  # als, als_wide, itemknn, sparse_ease
     movies: dict[int, tuple[str, str]]  # movie id -> (title, genres)
 
 
@@ -91,7 +91,8 @@ def world(service_urls: dict[str, str], ml100k: Path,
         for label, algorithm, params in (
                 ("als", "als", {"factors": 16, "iterations": 6}),
                 ("als_wide", "als", {"factors": 32, "iterations": 6}),
-                ("itemknn", "itemknn_cosine", {})):
+                ("itemknn", "itemknn_cosine", {}),
+                ("sparse_ease", "sparse_ease", {})):
             fitted = fit_on_snapshot(data, algorithm, params)
             versions[label] = registry.register(
                 snapshot["snapshot_id"], algorithm, fitted["params"], fitted["artifact_path"],

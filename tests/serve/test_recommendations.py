@@ -152,6 +152,22 @@ def test_fold_in_for_an_item_based_model(serve_env, use_settings, serve_db: str,
         assert known["source"] == "model" and known["variant"] == "pinned"
 
 
+def test_sparse_ease_serves_fold_in_and_similar_items(serve_env, use_settings,  # type: ignore[no-untyped-def]
+                                                      serve_db: str, world: World) -> None:
+    version = world.versions["sparse_ease"]
+    use_settings(MODEL_VERSION=str(version))
+    with TestClient(create_app(), headers={"X-API-Key": API_KEY}) as pinned:
+        after = fold_in_check(pinned, serve_db, 900004)
+        assert (after["variant"], after["model_version"]) == ("pinned", version)
+        known = pinned.get("/recommendations/1").json()
+        assert known["source"] == "model" and not set(ids(known)) & rated(serve_db, 1)
+        similar = pinned.get("/items/50/similar", params={"k": 5}).json()  # Star Wars
+        assert similar["model_version"] == version
+        neighbours = [item["movie_id"] for item in similar["items"]]
+        assert len(neighbours) == 5 and 50 not in neighbours
+        assert 181 in neighbours or 172 in neighbours  # Return of the Jedi, The Empire Strikes Back
+
+
 def test_fold_in_from_feedback_already_stored(client: TestClient, serve_db: str,
                                               world: World) -> None:
     # Feedback the ingest service stored earlier (not through this process): read from

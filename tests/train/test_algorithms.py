@@ -10,8 +10,14 @@ import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 
 import shared.recommenders as recommenders
-from services.train.algorithms import ALGORITHMS, fit_algorithm
-from shared.recommenders import FactorModel, Recommender, from_arrays, top_k
+from services.train.algorithms import ALGORITHMS, _pruned_gram, fit_algorithm
+from shared.recommenders import (
+    FactoredSimilarityModel,
+    FactorModel,
+    Recommender,
+    from_arrays,
+    top_k,
+)
 
 # Small factor counts and few iterations keep these fits instantaneous.
 TINY_PARAMS = {
@@ -21,6 +27,7 @@ TINY_PARAMS = {
     "itemknn_bm25": {"neighbours": 10},
     "ease": {"l2": 5.0},
     "popular": {},
+    "sparse_ease": {"l2": 5.0, "target_density": 0.5},
 }
 
 
@@ -142,6 +149,63 @@ def test_ease_is_the_closed_form(ratings: sp.csr_matrix) -> None:
 def test_ease_refuses_too_many_items(ratings: sp.csr_matrix) -> None:
     with pytest.raises(ValueError, match=r"30 items exceeds max_items=20 \(about"):
         fit_algorithm("ease", ratings, {"max_items": 20})
+
+
+def test_sparse_ease_at_full_density_is_the_closed_form(ratings: sp.csr_matrix) -> None:
+    model = fit_algorithm("sparse_ease", ratings, {"l2": 3.0, "target_density": 1.0})
+    assert isinstance(model, FactoredSimilarityModel)
+    left, right = model.factors
+    weights = (left @ right).toarray() + np.eye(30)
+    binary = (ratings > 0).astype(np.float64).toarray()
+    inverse = np.linalg.inv(binary.T @ binary + 3.0 * np.eye(30))
+    expected = np.eye(30) - inverse / np.diag(inverse)
+    np.testing.assert_allclose(weights, expected, atol=1e-2)  # the inverse of L is iterated
+    np.testing.assert_allclose(np.diag(weights), 0.0, atol=1e-5)
+
+
+def test_sparse_ease_keeps_its_factors_sparse_and_is_reproducible(
+    ratings: sp.csr_matrix,
+) -> None:
+    params = {"l2": 3.0, "target_density": 0.1}
+    first = fit_algorithm("sparse_ease", ratings, params, seed=1)
+    again = fit_algorithm("sparse_ease", ratings, params, seed=1)
+    assert isinstance(first, FactoredSimilarityModel) and isinstance(again, FactoredSimilarityModel)
+    dense = fit_algorithm("sparse_ease", ratings, {"l2": 3.0, "target_density": 1.0})
+    assert sum(f.nnz for f in first.factors) < 0.6 * sum(f.nnz for f in dense.factors)
+    for a, b in zip(first.factors, again.factors, strict=True):
+        np.testing.assert_array_equal(a.toarray(), b.toarray())
+    capped = fit_algorithm("sparse_ease", ratings, {**params, "max_item_weights": 2})
+    assert max(f.nnz for f in capped.factors) < max(f.nnz for f in first.factors)
+
+
+def test_sparse_ease_incomplete_factorisation_follows_the_tastes(ratings: sp.csr_matrix) -> None:
+    model = fit_algorithm("sparse_ease", ratings, {"l2": 0.1, "factorizer": "icf",
+                                                   "max_item_weights": 20})
+    assert isinstance(model, FactoredSimilarityModel)
+    assert max(f.nnz for f in model.factors) <= 20 * 30
+    ids, _ = model.recommend(np.arange(40), ratings, k=5)
+    own_group = np.where(np.arange(40)[:, None] < 20, ids < 15, ids >= 15)
+    # Half of a user's own group is seen, so unseen items drawn at random would be ~36% theirs.
+    assert own_group.mean() >= 0.55
+
+
+def test_pruned_gram_keeps_the_largest_co_occurrences_symmetric(ratings: sp.csr_matrix) -> None:
+    binary = sp.csr_matrix((ratings > 0).astype(np.float32))
+    gram = (binary.T @ binary).toarray()
+    pruned = _pruned_gram(binary, 5, block_cells=7 * 30).toarray()  # blocks of 7 items
+    np.testing.assert_array_equal(pruned, pruned.T)
+    np.testing.assert_array_equal(np.diag(pruned), np.diag(gram))
+    kept = pruned != 0
+    np.testing.assert_array_equal(pruned[kept], gram[kept])
+    assert kept.sum() <= 2 * 5 * 30 + 30 and kept.sum() < (gram != 0).sum()  # both halves kept
+    np.testing.assert_array_equal(_pruned_gram(binary, 30).toarray(), gram)
+    unrated = sp.hstack([binary, sp.csr_matrix((40, 1))]).tocsr()  # an item nobody rated
+    assert _pruned_gram(unrated, 5)[30, 30] > 0 and _pruned_gram(unrated, 5)[30].nnz == 1
+
+
+def test_sparse_ease_refuses_an_unknown_factorizer(ratings: sp.csr_matrix) -> None:
+    with pytest.raises(ValueError, match="factorizer must be 'auto', 'cholmod' or 'icf', got 'lu'"):
+        fit_algorithm("sparse_ease", ratings, {"factorizer": "lu"})
 
 
 def test_bad_requests_are_explained(ratings: sp.csr_matrix) -> None:

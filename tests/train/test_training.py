@@ -34,7 +34,13 @@ def test_default_list_skips_ease_above_its_cap(snapshot: dict, monkeypatch: pyte
     trained = train_many(snapshot, None, tune=False)
     assert "ease" not in {t["algorithm"] for t in trained}
     assert "popular" in {t["algorithm"] for t in trained}
-    with pytest.raises(ValueError, match="exceeds max_items=5"):
+    assert [t["algorithm"] for t in trained][-1] == "sparse_ease"  # in dense EASE's place
+    with pytest.raises(ValueError, match="exceeds max_items=5.*use sparse_ease"):
         train_many(snapshot, ["ease"], tune=False)
     with pytest.raises(TrainingError, match="unknown algorithm"):
         train_many(snapshot, ["nope"], tune=False)
+
+
+def test_default_list_keeps_dense_ease_under_its_cap(snapshot: dict) -> None:
+    trained = [t["algorithm"] for t in train_many(snapshot, None, tune=False)]
+    assert "ease" in trained and "sparse_ease" not in trained
