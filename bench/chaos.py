@@ -261,14 +261,14 @@ def feedback_postgres_restart(admin_url: str, redis_url: str, outage: float = 3.
         return drained_counts(load, postgres.url, outage_s, timeout=180)
 
 
-def build_champion(env: Mapping[str, str], data: Path) -> None:
+def build_champion(env: Mapping[str, str], data: Path, algorithms: str = "popular") -> None:
     """ml-100k ingested and a most-popular champion, in-process (no broker needed)."""
     embedded = {**env, "DATA_SOURCE": str(data)}
     for name in ("BROKER_URL", "REDIS_URL"):
         embedded.pop(name, None)
     run([*recsys(), "db", "upgrade"], embedded)
-    run([*recsys(), "pipeline", "--stages", "all", "--algorithms", "popular", "--trials", "1",
-         "--json"], embedded, timeout=900)
+    run([*recsys(), "pipeline", "--stages", "all", "--algorithms", algorithms, "--trials",
+         "1", "--json"], embedded, timeout=900)
 
 
 def recommendations_redis_restart(admin_url: str, redis_url: str, outage: float = 3.0,
@@ -357,9 +357,8 @@ def malformed_bodies() -> list[tuple[str, str, bytes | None]]:
         "/recommendations/1?offset=-5", "/recommendations/1?exclude=abc",
         "/recommendations/1?exclude=" + ",".join(["1"] * 20_000),
         "/recommendations/1?genres=" + "x" * 5000, "/recommendations/1?genres=NoSuchGenre",
-        "/recommendations/1?k=1&k=2", "/popular?k=abc", "/popular?genres=%00",
-        "/items/abc/similar", "/items/1/similar?k=NaN", "/models/abc", "/models/NaN",
-        "/metrics/online?window=abc")]
+        "/recommendations/1?k=1.5", "/popular?k=abc", "/popular?genres=%00",
+        "/items/abc/similar", "/items/1/similar?k=NaN", "/models/abc", "/models/NaN")]
     return bodies
 
 
@@ -391,11 +390,73 @@ def malformed_requests(admin_url: str, redis_url: str, data: Path = DEFAULT_DATA
                                    f"{response.status_code}")
                 elif response.status_code < 300:
                     accepted += 1
+                    failing.append(f"{method} {path[:60]} {(body or b'')[:60]!r} -> "
+                                   f"{response.status_code} (accepted)")
         for line in failing:
             print(f"  malformed: {line}")
+        errors = [line for line in (work / "serve.log").read_text(errors="replace").splitlines()
+                  if "Error" in line and not line.startswith(" ")]
+        for line in errors[-5:]:
+            print(f"  serve log: {line[:200]}")
         return {"sent": sent, "accepted": accepted, "persisted": 0, "lost": 0,
                 "duplicated": 0, "5xx": server_errors, "connection_errors": connection_errors,
                 "outage_s": 0.0}
+
+
+def _versions(database_url: str) -> dict[str, int]:
+    """The registry's versions by algorithm, and the champion's under "champion"."""
+    conn = psycopg2.connect(libpq_dsn(make_url(database_url)))
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT algorithm, max(version) FROM model_version GROUP BY 1")
+            found = {algorithm: int(version) for algorithm, version in cursor.fetchall()}
+            cursor.execute("SELECT version FROM model_alias WHERE alias = 'champion'")
+            found["champion"] = int(cursor.fetchone()[0])
+        return found
+    finally:
+        conn.close()
+
+
+def hot_swap_under_load(admin_url: str, redis_url: str, steady: float = 2.0,
+                        data: Path = DEFAULT_DATA) -> dict[str, Any]:
+    """GET /recommendations continuously while another version is promoted through serve
+    (the registry worker publishes model.promoted; serve swaps models)."""
+    with ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chaos-")))
+        broker = stack.enter_context(private_rabbitmq())
+        database = str(stack.enter_context(scratch_database(admin_url, "chaos")))
+        env = base_env(work, DATABASE_URL=database, BROKER_URL=broker.url, REDIS_URL=redis_url)
+        build_champion(env, data, algorithms="popular,itemknn_cosine")
+        versions = _versions(database)
+        other = next(v for name, v in versions.items()
+                     if name != "champion" and v != versions["champion"])
+        stack.enter_context(process([*recsys(), "worker", "registry"], env,
+                                    work / "registry.log"))
+        url = stack.enter_context(serve(env, work / "serve.log"))
+        served: set[int] = set()
+
+        def request(client: httpx.Client, number: int) -> httpx.Response:
+            response = client.get(f"{url}/recommendations/{1 + number % 40}",
+                                  params={"k": 10, "offset": number % 3})
+            if response.status_code == 200:
+                served.add(int(response.json()["model_version"]))
+            return response
+
+        began = time.monotonic()
+        with Load(request) as load:
+            time.sleep(steady)
+            with httpx.Client(headers={"X-API-Key": API_KEY}, timeout=60) as admin:
+                moved = admin.post(f"{url}/models/{other}/promote", json={"reason": "chaos"})
+            if moved.status_code >= 300:
+                raise RuntimeError(f"promote answered {moved.status_code}: {moved.text}")
+            wait_until(lambda: other in served, 60, f"serve to answer with v{other}")
+            swapped = time.monotonic() - began - steady
+            time.sleep(steady)
+        return {"sent": load.sent, "accepted": len(load.accepted), "persisted": 0, "lost": 0,
+                "duplicated": 0, "5xx": load.server_errors,
+                "connection_errors": load.connection_errors,
+                # No outage here: the seconds from the promote call to the new version.
+                "outage_s": round(swapped, 2), "versions_served": sorted(served)}
 
 
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -403,6 +464,7 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "feedback_postgres_restart": feedback_postgres_restart,
     "recommendations_redis_restart": recommendations_redis_restart,
     "malformed_requests": malformed_requests,
+    "hot_swap_under_load": hot_swap_under_load,
 }
 
 
