@@ -459,12 +459,91 @@ def hot_swap_under_load(admin_url: str, redis_url: str, steady: float = 2.0,
                 "outage_s": round(swapped, 2), "versions_served": sorted(served)}
 
 
+def _count(database_url: str, sql: str) -> int:
+    conn = psycopg2.connect(libpq_dsn(make_url(database_url)))
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(sql)
+            return int(cursor.fetchone()[0])
+    finally:
+        conn.close()
+
+
+# What each killed task must leave exactly one of, and what it needs done before it.
+KILL_TASKS: dict[str, tuple[str, str]] = {
+    "ingest": ("ingest.load", "SELECT count(*) FROM ingest_batch"),
+    "transform": ("transform.snapshot", "SELECT count(*) FROM snapshot"),
+}
+
+
+def worker_killed_mid_task(admin_url: str, redis_url: str, service: str = "ingest",
+                           data: Path = DEFAULT_DATA) -> dict[str, Any]:
+    """SIGKILL the pool process of a `service` worker while its task runs: the task must
+    be redelivered and complete once (one batch or snapshot, never two)."""
+    from celery import Celery
+
+    task, count_sql = KILL_TASKS[service]
+    with ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chaos-")))
+        broker = stack.enter_context(private_rabbitmq())
+        database = str(stack.enter_context(scratch_database(admin_url, "chaos")))
+        env = base_env(work, DATABASE_URL=database, BROKER_URL=broker.url, REDIS_URL=redis_url,
+                       DATA_SOURCE=str(data))
+        embedded = {k: v for k, v in env.items() if k not in ("BROKER_URL", "REDIS_URL")}
+        run([*recsys(), "db", "upgrade"], embedded)
+        if service != "ingest":
+            run([*recsys(), "ingest", "--source", str(data)], embedded)
+        log = work / f"{service}.log"
+        stack.enter_context(process([*recsys(), "worker", service], env, log))
+        wait_until(lambda: " ready." in log.read_text(errors="replace"), 90,
+                   f"the {service} worker to be ready")
+        client = Celery("chaos", broker=broker.url, backend=redis_url)
+        stack.callback(client.close)
+        result = client.send_task(task, kwargs={}, queue=service)
+
+        def active() -> dict[str, Any] | None:
+            replies = client.control.inspect(timeout=0.5, limit=1).active() or {}
+            return next((t for tasks in replies.values() for t in tasks or []
+                         if t["id"] == result.id), None)
+
+        running = None
+        deadline = time.monotonic() + 120
+        while running is None and time.monotonic() < deadline:
+            running = active()
+        if running is None:
+            raise TimeoutError(f"{task} never ran on the {service} worker")
+        killed = time.monotonic()
+        os.kill(int(running["worker_pid"]), signal.SIGKILL)
+        wait_until(lambda: result.state == "SUCCESS", 300, f"{task} to complete after the kill")
+        recovered = time.monotonic() - killed
+        made = _count(database, count_sql)
+        lost_worker = "WorkerLostError" in log.read_text(errors="replace") or \
+            "signal 9" in log.read_text(errors="replace")
+        return {"sent": 1, "accepted": 1, "persisted": min(made, 1), "lost": int(made == 0),
+                "duplicated": max(made - 1, 0), "5xx": 0, "connection_errors": 0,
+                "outage_s": round(recovered, 2), "worker_lost_logged": lost_worker}
+
+
+def ingest_worker_killed(admin_url: str, redis_url: str, data: Path = DEFAULT_DATA
+                         ) -> dict[str, Any]:
+    """kill -9 of the ingest worker's pool process during a load of ml-100k."""
+    return worker_killed_mid_task(admin_url, redis_url, "ingest", data)
+
+
+def transform_worker_killed(admin_url: str, redis_url: str, data: Path = DEFAULT_DATA
+                            ) -> dict[str, Any]:
+    """kill -9 of the transform worker's pool process while it builds a snapshot."""
+    return worker_killed_mid_task(admin_url, redis_url, "transform", data)
+
+
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "feedback_broker_restart": feedback_broker_restart,
     "feedback_postgres_restart": feedback_postgres_restart,
     "recommendations_redis_restart": recommendations_redis_restart,
     "malformed_requests": malformed_requests,
     "hot_swap_under_load": hot_swap_under_load,
+    "ingest_worker_killed": ingest_worker_killed,
+    "transform_worker_killed": transform_worker_killed,
 }
 
 

@@ -16,6 +16,7 @@ from bench.chaos import (
     hot_swap_under_load,
     malformed_requests,
     recommendations_redis_restart,
+    worker_killed_mid_task,
 )
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -82,3 +83,14 @@ def test_hot_swap_under_load(service_urls: dict[str, str], ml100k: Path) -> None
     assert counts["connection_errors"] == 0, counts
     assert counts["accepted"] == counts["sent"], counts
     assert counts["5xx"] == 0, counts
+
+
+@pytest.mark.parametrize("service", ["ingest", "transform"])
+def test_worker_killed_mid_task_completes_once(service: str, service_urls: dict[str, str],
+                                               ml100k: Path) -> None:
+    counts = worker_killed_mid_task(service_urls["postgres"], service_urls["redis"], service,
+                                    data=ml100k)
+    report(f"{service}_worker_killed", counts)
+    assert counts["worker_lost_logged"], counts  # the pool process really died mid-task
+    assert counts["persisted"] == 1 and counts["lost"] == 0, counts
+    assert counts["duplicated"] == 0, counts  # one batch or snapshot, not two
