@@ -1,0 +1,249 @@
+"""Private Redis, Postgres and RabbitMQ servers for fault scenarios.
+
+Each server runs on a free loopback port with its data in a temporary directory of its
+own, so stopping it (the fault) touches nothing else on the machine. Every server is a
+context manager that stops the server and removes its directory on exit, whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's choice)."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on the loopback port."""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1) -> None:  # type: ignore[no-untyped-def]
+    """Poll `predicate` until true; TimeoutError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class PrivateRedis:
+    """A redis-server without persistence on its own port."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://{LOOPBACK}:{self.port}/0"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = (self.directory / "redis.log").open("ab")
+        self._process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", LOOPBACK, "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        wait_until(lambda: port_open(self.port), 30, f"private Redis on port {self.port}")
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+        wait_until(lambda: not port_open(self.port), 20, f"Redis on {self.port} to stop")
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+
+class PrivatePostgres:
+    """A Postgres 15 cluster (trust auth) in a directory owned by the postgres user."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.data = directory / "data"
+        self.port = free_port()
+        self.url = f"postgresql+psycopg2://postgres@{LOOPBACK}:{self.port}/postgres"
+        self.running = False
+
+    def _as_postgres(self, *argv: str, timeout: float = 120) -> None:
+        done = subprocess.run(["runuser", "-u", "postgres", "--", *argv], capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise RuntimeError(f"{argv[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
+
+    def init(self) -> None:
+        shutil.chown(self.directory, "postgres", "postgres")
+        self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust",
+                          "-U", "postgres", "--no-sync")
+
+    def start(self) -> None:
+        options = (f"-p {self.port} -k {self.directory} -c listen_addresses={LOOPBACK} "
+                   "-c fsync=off -c max_connections=60 -c shared_buffers=32MB")
+        # pg_ctl start -w returns once the server accepts connections.
+        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", options,
+                          "-l", str(self.directory / "postgres.log"), "-w", "start")
+        self.running = True
+
+    def stop(self) -> None:
+        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
+                          "stop")
+        self.running = False
+
+
+class PrivateRabbitMQ:
+    """A RabbitMQ node of its own name, ports and Mnesia directory, with no plugins."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.node = f"chaos{uuid.uuid4().hex[:8]}@localhost"
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.url = f"amqp://guest:guest@{LOOPBACK}:{self.port}//"
+        plugins = directory / "enabled_plugins"
+        plugins.write_text("[].\n")
+        # A config of its own: the machine's /etc/rabbitmq/rabbitmq.conf names port 5672.
+        config = directory / "rabbitmq.conf"
+        config.write_text(f"listeners.tcp.default = {LOOPBACK}:{self.port}\n")
+        # rabbitmq-server drops root for the rabbitmq user, which must own the directory.
+        for path in (directory, plugins, config):
+            shutil.chown(path, "rabbitmq", "rabbitmq")
+        self.env = {**os.environ, "RABBITMQ_NODENAME": self.node,
+                    "RABBITMQ_NODE_PORT": str(self.port),
+                    "RABBITMQ_NODE_IP_ADDRESS": LOOPBACK,
+                    "RABBITMQ_DIST_PORT": str(self.dist_port),
+                    "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
+                    "RABBITMQ_LOG_BASE": str(directory / "log"),
+                    "RABBITMQ_ENABLED_PLUGINS_FILE": str(plugins),
+                    "RABBITMQ_CONFIG_FILE": str(config)}
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def _ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["rabbitmqctl", "-q", "-n", self.node, *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+
+    def start(self) -> None:
+        log = (self.directory / "rabbitmq.out").open("ab")
+        self._process = subprocess.Popen(["rabbitmq-server"], env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        # await_startup fails at once while the node has not registered yet: ask again.
+        deadline = time.monotonic() + 120
+        while True:
+            done = self._ctl("--timeout", "60", "await_startup", timeout=90)
+            if done.returncode == 0 and port_open(self.port):
+                return
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"private RabbitMQ {self.node} did not start (see "
+                                   f"{self.directory}/rabbitmq.out): {done.stderr[-1000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._ctl("stop", timeout=120)
+        try:
+            self._process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+        self._process = None
+        wait_until(lambda: not port_open(self.port), 20, f"RabbitMQ on {self.port} to stop")
+
+    def kill(self) -> None:
+        """Stop everything the node started (the Erlang VM and its epmd-less children)."""
+        if self._process is not None and self._process.poll() is None:
+            try:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._process.wait()
+        self._process = None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+
+def _workdir(label: str) -> Path:
+    # Under /tmp, not pytest's 0700 tmp_path: the postgres user must reach its directory.
+    path = Path(tempfile.mkdtemp(prefix=f"recsys-{label}-"))
+    path.chmod(0o755)
+    return path
+
+
+@contextmanager
+def private_redis() -> Iterator[PrivateRedis]:
+    """A running private Redis, stopped and removed on exit."""
+    server = PrivateRedis(_workdir("redis"))
+    try:
+        server.start()
+        yield server
+    finally:
+        if server.running:
+            server.stop()
+        shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@contextmanager
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A running private Postgres cluster, stopped and removed on exit."""
+    server = PrivatePostgres(_workdir("postgres"))
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        if (server.data / "postmaster.pid").exists():
+            try:
+                server.stop()
+            except (RuntimeError, subprocess.TimeoutExpired):
+                subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"),
+                                "-D", str(server.data), "-m", "immediate", "stop"],
+                               capture_output=True, timeout=60)
+        shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@contextmanager
+def private_rabbitmq() -> Iterator[PrivateRabbitMQ]:
+    """A running private RabbitMQ node, stopped and removed on exit."""
+    server = PrivateRabbitMQ(_workdir("rabbitmq"))
+    try:
+        server.start()
+        yield server
+    finally:
+        if server.running:
+            try:
+                server.stop()
+            except (subprocess.TimeoutExpired, TimeoutError):
+                server.kill()
+        server.kill()
+        shutil.rmtree(server.directory, ignore_errors=True)
