@@ -19,8 +19,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from services.train.algorithms import ALGORITHMS, Dimension, fit_algorithm
+from services.train.ease_path import EaseLambdaPath
 from shared.features import IdIndex, interactions_csr
-from shared.recommenders import evaluate_model
+from shared.recommenders import Recommender, evaluate_model
 from shared.splits import Split, SplitSpec, kfold_splits, validation_split
 
 
@@ -143,10 +144,22 @@ def tune_matrices(
     fixed = dict(fixed_params or {})
     spec.resolve_params({**fixed, **dict.fromkeys(grid or space)})  # raises on unknown names
 
+    ease_paths: dict[int, tuple[str, EaseLambdaPath]] = {}  # per fit matrix
+
+    def trial_model(position: int, fit_matrix: sp.csr_matrix, params: Mapping[str, Any]
+                    ) -> Recommender:
+        if algorithm != "ease":
+            return fit_algorithm(algorithm, fit_matrix, params, seed, num_threads)
+        # One factorisation per matrix (and weighting) serves every l2 the search draws.
+        rest = repr(sorted((name, value) for name, value in params.items() if name != "l2"))
+        if position not in ease_paths or ease_paths[position][0] != rest:
+            ease_paths[position] = (rest, EaseLambdaPath(fit_matrix, params, num_threads))
+        return ease_paths[position][1].model(float(params["l2"]))
+
     def score(params: Mapping[str, Any]) -> float:
         values = []
-        for fit_matrix, holdout in matrices:
-            model = fit_algorithm(algorithm, fit_matrix, params, seed, num_threads)
+        for position, (fit_matrix, holdout) in enumerate(matrices):
+            model = trial_model(position, fit_matrix, params)
             values.append(evaluate_model(model, fit_matrix, holdout, (k,))[key])
         return float(np.mean(values))
 
