@@ -125,7 +125,8 @@ def run_pipeline(stages: str | None = None, stage: str | None = None,
         summary["snapshot"] = outputs["transform"]["snapshot_id"]
     if "train" in outputs:
         summary["trained"] = [{k: t.get(k) for k in ("algorithm", "params", "validation",
-                                                     "cross_validation", "seconds")}
+                                                     "cross_validation", "tuning",
+                                                     "seconds")}
                               for t in outputs["train"]]
     if "evaluate" in outputs:
         summary["models"] = outputs["evaluate"]["models"]

@@ -82,19 +82,23 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
         result = tune_matrices(
             algorithm, [pair], n_trials=trials, seed=settings.seed, fixed_params={
                 k: v for k, v in base.items() if k not in spec.search_space},
-            num_threads=threads(),
+            num_threads=threads(), validation_users=settings.tune_validation_users,
             on_trial=(lambda number, value: progress("trial", {
                 "algorithm": algorithm, "trial": number + 1, "trials": trials,
                 "value": value})) if progress else None)
         chosen, validation = result.best_params, {result.metric: result.best_score}
+        tuning = {"validation_users": result.validation_users,
+                  "validation_users_total": result.validation_users_total}
     elif tune:  # nothing to search (most-popular): still report its validation score
         chosen = spec.resolve_params(base)
         model = fit_algorithm(algorithm, pair[0], chosen, settings.seed, threads())
         validation = {"ndcg@10": evaluate_model(model, pair[0], pair[1], (10,))["ndcg@10"]}
+        users = int(np.count_nonzero(np.diff(pair[1].indptr)))
+        tuning = {"validation_users": users, "validation_users_total": users}
     else:
         # A plain fit trains once: measuring is eval's job, and a validation pass here
         # would cost a second fit and a scoring of every user (5x the fit at 25M ratings).
-        chosen, validation = spec.resolve_params(base), {}
+        chosen, validation, tuning = spec.resolve_params(base), {}, None
     spread = cross_validation(data, algorithm, chosen, cv_folds) if cv_folds else None
     if progress:
         progress("fit", {"algorithm": algorithm, "params": chosen})
@@ -108,7 +112,7 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
     return {"algorithm": algorithm, "params": chosen, "artifact_path": ref.path,
             "sha256": ref.sha256, "snapshot": data.info,
             "validation": manifest["validation"], "tuned": bool(tune and spec.search_space),
-            "cross_validation": spread,
+            "cross_validation": spread, "tuning": tuning,
             "seconds": round(time.perf_counter() - started, 3)}
 
 

@@ -35,6 +35,8 @@ class TuningResult:
     best_score: float
     trials: pd.DataFrame
     validation: SplitSpec | None
+    validation_users: int = 0  # users each trial scored (summed over folds)
+    validation_users_total: int = 0  # users with held-out items (summed over folds)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,24 @@ def split_matrices(split: Split, reference: pd.DataFrame) -> tuple[sp.csr_matrix
     # Validation/test rows for ids unknown to the reference cannot be scored; drop them.
     test = interactions_csr(split.test, users, items, drop_unknown=True)
     return train, test
+
+
+def sample_validation_users(holdout: sp.csr_matrix, n_users: int, seed: int
+                            ) -> tuple[sp.csr_matrix, int, int]:
+    """The held-out rows of a seeded sample of ``n_users`` users (all when 0 or more than
+    there are), the others emptied; with the sample size and the number of users there were."""
+    holdout = sp.csr_matrix(holdout)
+    users = np.flatnonzero(np.diff(holdout.indptr))
+    if n_users < 0:
+        raise ValueError(f"validation users must be 0 (all) or positive, got {n_users}")
+    if not n_users or n_users >= users.size:
+        return holdout, users.size, users.size
+    chosen = np.random.default_rng(seed).choice(users, n_users, replace=False)
+    keep = np.zeros(holdout.shape[0], dtype=np.float32)
+    keep[chosen] = 1.0
+    sampled = sp.csr_matrix(sp.diags(keep) @ holdout)
+    sampled.eliminate_zeros()
+    return sampled, n_users, users.size
 
 
 def suggest_params(trial: optuna.Trial, space: Mapping[str, Dimension]) -> dict[str, Any]:
@@ -96,6 +116,7 @@ def tune(
     fixed_params: Mapping[str, Any] | None = None,
     cv_folds: int | None = None,
     num_threads: int = 0,
+    validation_users: int = 0,
 ) -> TuningResult:
     """Search hyperparameters maximising ``metric@k`` on a validation split of ``train``.
 
@@ -113,7 +134,7 @@ def tune(
     return tune_matrices(
         algorithm, matrices, n_trials=n_trials, seed=seed, k=k, metric=metric,
         search_space=search_space, grid=grid, fixed_params=fixed_params,
-        num_threads=num_threads, validation=validation,
+        num_threads=num_threads, validation=validation, validation_users=validation_users,
     )
 
 
@@ -131,10 +152,13 @@ def tune_matrices(
     num_threads: int = 0,
     validation: SplitSpec | None = None,
     on_trial: Callable[[int, float], None] | None = None,
+    validation_users: int = 0,
 ) -> TuningResult:
     """The search itself, over (fit matrix, held-out matrix) pairs that never touch test.
 
     A snapshot carries its validation pair ready-made; ``tune`` builds them from a frame.
+    With ``validation_users``, each trial scores a seeded sample of that many users of each
+    held-out matrix (the fit matrices keep every user).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
@@ -143,6 +167,11 @@ def tune_matrices(
     space = dict(spec.search_space if search_space is None else search_space)
     fixed = dict(fixed_params or {})
     spec.resolve_params({**fixed, **dict.fromkeys(grid or space)})  # raises on unknown names
+    sampled = [sample_validation_users(holdout, validation_users, seed)
+               for _fit, holdout in matrices]
+    matrices = [(fit, holdout) for (fit, _), (holdout, _, _) in zip(matrices, sampled,
+                                                                    strict=True)]
+    users_scored, users_total = (sum(s[1] for s in sampled), sum(s[2] for s in sampled))
 
     ease_paths: dict[int, tuple[str, EaseLambdaPath]] = {}  # per fit matrix
 
@@ -167,7 +196,8 @@ def tune_matrices(
         params = spec.resolve_params(fixed)
         value = score(params)
         trials = pd.DataFrame([{"number": 0, "value": value, "duration_s": 0.0}])
-        return TuningResult(algorithm, key, params, value, trials, validation)
+        return TuningResult(algorithm, key, params, value, trials, validation, users_scored,
+                            users_total)
 
     if grid:
         sampler: optuna.samplers.BaseSampler = optuna.samplers.GridSampler(
@@ -209,7 +239,8 @@ def tune_matrices(
         optuna_logger.setLevel(previous_level)
     best = spec.resolve_params({**fixed, **study.best_trial.params})
     return TuningResult(
-        algorithm, key, best, float(study.best_value), pd.DataFrame(rows), validation
+        algorithm, key, best, float(study.best_value), pd.DataFrame(rows), validation,
+        users_scored, users_total,
     )
 
 

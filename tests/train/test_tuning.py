@@ -132,3 +132,24 @@ def test_ease_search_reuses_one_factorisation_with_the_same_scores(
         model = tuning.fit_algorithm("ease", validation[0], {"l2": row.l2})
         assert row.value == pytest.approx(
             evaluate_model(model, *validation, (10,))["ndcg@10"], abs=1e-9)
+
+
+def test_trials_score_a_seeded_sample_of_validation_users(interactions: pd.DataFrame) -> None:
+    split = random_split(interactions, 0.75, seed=1)
+    _fit, holdout = split_matrices(split, interactions)
+    sampled, used, total = tuning.sample_validation_users(holdout, 20, seed=5)
+    again, _, _ = tuning.sample_validation_users(holdout, 20, seed=5)
+    kept = np.flatnonzero(np.diff(sampled.indptr))
+    assert (used, total) == (20, 60) and kept.size == 20
+    np.testing.assert_array_equal(kept, np.flatnonzero(np.diff(again.indptr)))
+    assert (sampled[kept] != holdout[kept]).nnz == 0  # the sampled users keep every item
+    assert tuning.sample_validation_users(holdout, 0, seed=5)[1:] == (60, 60)
+    assert tuning.sample_validation_users(holdout, 500, seed=5)[1:] == (60, 60)
+    with pytest.raises(ValueError, match="validation users must be 0"):
+        tuning.sample_validation_users(holdout, -1, seed=5)
+
+    full = tune("ease", split.train, n_trials=3, seed=3, like=split.spec)
+    assert (full.validation_users, full.validation_users_total) == (60, 60)
+    part = tune("ease", split.train, n_trials=3, seed=3, like=split.spec, validation_users=25)
+    assert (part.validation_users, part.validation_users_total) == (25, 60)
+    assert not np.allclose(part.trials["value"], full.trials["value"])
