@@ -135,6 +135,9 @@ def pipeline(
                                "(each algorithm's own budget when omitted)."),
     cv_folds: int = typer.Option(None, "--cv-folds", min=2, help="Also report k-fold "
                                  "cross-validation (mean, spread) of each tuned model."),
+    tune_budget: float = typer.Option(None, "--tune-budget", help="Seconds the tuning of "
+                                      "every algorithm together may take; trial counts become "
+                                      "caps (TUNE_BUDGET_SECONDS; unlimited when 0)."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Seconds to wait for the chain."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object last."),
 ) -> None:
@@ -144,10 +147,12 @@ def pipeline(
 
     if protocol and protocol not in {p.value for p in EvalProtocol}:
         fail(f"--protocol {protocol!r} is not one of random, temporal, leave-last-n", 2)
+    if tune_budget is not None and not tune_budget > 0:
+        fail(f"--tune-budget must be a positive number of seconds, got {tune_budget}", 2)
     ensure_embedded_schema()
     options = {"source": source or get_settings().data_source, "protocol": protocol,
                "algorithms": algorithms.split(",") if algorithms else None, "trials": trials,
-               "cv_folds": cv_folds}
+               "cv_folds": cv_folds, "tune_budget": tune_budget}
     try:
         with pipeline_status():
             summary = run_pipeline(stages, stage, timeout=timeout, **options)

@@ -129,6 +129,10 @@ class TrainingSettings(BaseSettings):
     als_iterations: int = Field(15, ge=1, le=1000, description="ALS iterations (default).")
     train_threads: int = Field(0, ge=0, description="Threads for training; 0 means all cores.")
     seed: int = Field(42, description="Seed of every random number generator.")
+    tune_budget_seconds: float = Field(
+        0.0, ge=0, description="Seconds the tuning of a whole training run may take, shared "
+        "among the algorithms in proportion to their trial caps; 0 is unlimited.",
+    )
     tune_validation_users: int = Field(
         10_000, ge=0, description="Validation users each tuning trial scores: a seeded sample "
         "where more users have held-out ratings; 0 scores them all.",

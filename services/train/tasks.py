@@ -36,11 +36,14 @@ def fit(self: Any, snapshot: dict[str, Any], algorithm: str = "als",
 
 @service_task("train.tune")
 def tune(self: Any, snapshot: dict[str, Any], algorithms: list[str] | None = None,
-         n_trials: int | None = None, cv_folds: int | None = None) -> list[dict[str, Any]]:
-    """Tune every algorithm on the snapshot's validation pair, then fit each on train."""
+         n_trials: int | None = None, cv_folds: int | None = None,
+         tune_budget: float | None = None) -> list[dict[str, Any]]:
+    """Tune every algorithm on the snapshot's validation pair (within ``tune_budget``
+    seconds when given), then fit each on train."""
     try:
         results = train_many(snapshot, algorithms, tune=True, n_trials=n_trials,
-                             progress=_progress(self), cv_folds=cv_folds)
+                             progress=_progress(self), cv_folds=cv_folds,
+                             tune_budget=tune_budget)
     except (TrainingError, ArtifactError, ValueError) as error:  # ValueError: bad params
         raise TrainingError(str(error)) from None
     return [{**r, "task_id": self.request.id} for r in results]

@@ -65,9 +65,12 @@ def threads() -> int:
 
 def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] | None = None,
                     tune: bool = False, n_trials: int | None = None,
-                    progress: Progress | None = None, cv_folds: int | None = None
-                    ) -> dict[str, Any]:
-    """Tune (optionally) on validation, fit on train, store the model; a JSON-able record."""
+                    progress: Progress | None = None, cv_folds: int | None = None,
+                    allowance: float | None = None) -> dict[str, Any]:
+    """Tune (optionally) on validation, fit on train, store the model; a JSON-able record.
+
+    ``allowance`` bounds the tuning in seconds: no trial starts once it is spent.
+    """
     settings = get_settings()
     started = time.perf_counter()
     try:
@@ -78,23 +81,32 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
     pair = (data.matrix("validation_train"), data.matrix("validation_test"))
     spec = ALGORITHMS[algorithm]
     if tune and spec.search_space:
-        trials = n_trials or spec.n_trials or 10
+        trials = trial_cap(algorithm, n_trials)
+        deadline = None if allowance is None else time.time() + allowance
         result = tune_matrices(
             algorithm, [pair], n_trials=trials, seed=settings.seed, fixed_params={
                 k: v for k, v in base.items() if k not in spec.search_space},
             num_threads=threads(), validation_users=settings.tune_validation_users,
             on_trial=(lambda number, value: progress("trial", {
                 "algorithm": algorithm, "trial": number + 1, "trials": trials,
-                "value": value})) if progress else None)
-        chosen, validation = result.best_params, {result.metric: result.best_score}
-        tuning = {"validation_users": result.validation_users,
+                "value": value})) if progress else None, deadline=deadline)
+        chosen = result.best_params
+        validation = {} if result.best_score is None else {result.metric: result.best_score}
+        tuning = {"trials_cap": trials, "trials_run": result.trials_run,
+                  "trials_cut": result.trials_cut, "trials_pruned": result.trials_pruned,
+                  "seconds": round(result.seconds, 3),
+                  "allowance_seconds": None if allowance is None else round(allowance, 3),
+                  "validation_users": result.validation_users,
                   "validation_users_total": result.validation_users_total}
     elif tune:  # nothing to search (most-popular): still report its validation score
+        scored = time.perf_counter()
         chosen = spec.resolve_params(base)
         model = fit_algorithm(algorithm, pair[0], chosen, settings.seed, threads())
         validation = {"ndcg@10": evaluate_model(model, pair[0], pair[1], (10,))["ndcg@10"]}
         users = int(np.count_nonzero(np.diff(pair[1].indptr)))
-        tuning = {"validation_users": users, "validation_users_total": users}
+        tuning = {"trials_cap": 0, "trials_run": 0, "trials_cut": 0, "trials_pruned": 0,
+                  "seconds": round(time.perf_counter() - scored, 3), "allowance_seconds": None,
+                  "validation_users": users, "validation_users_total": users}
     else:
         # A plain fit trains once: measuring is eval's job, and a validation pass here
         # would cost a second fit and a scoring of every user (5x the fit at 25M ratings).
@@ -127,11 +139,26 @@ def cross_validation(data: SnapshotData, algorithm: str, params: dict[str, Any],
             "folds": list(result.fold_scores)}
 
 
+def trial_cap(algorithm: str, n_trials: int | None = None) -> int:
+    """Trials an algorithm's search may run: ``n_trials``, else its own count (0 when it has
+    nothing to search)."""
+    spec = ALGORITHMS[algorithm]
+    return (n_trials or spec.n_trials or 10) if spec.search_space else 0
+
+
 def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None,
                tune: bool = True, n_trials: int | None = None,
-               progress: Progress | None = None, cv_folds: int | None = None
-               ) -> list[dict[str, Any]]:
-    """Every requested algorithm on one snapshot, loaded once."""
+               progress: Progress | None = None, cv_folds: int | None = None,
+               tune_budget: float | None = None) -> list[dict[str, Any]]:
+    """Every requested algorithm on one snapshot, loaded once.
+
+    A tuning budget (``tune_budget`` seconds, else TUNE_BUDGET_SECONDS; 0 is unlimited) is
+    shared in order: each algorithm may spend the budget still unspent times its trial cap
+    over the caps of the algorithms still to tune, so time one leaves passes to the next.
+    """
+    budget = get_settings().tune_budget_seconds if tune_budget is None else tune_budget
+    if budget < 0:
+        raise TrainingError(f"the tuning budget must be positive seconds, got {budget}")
     names = list(algorithms or DEFAULT_ALGORITHMS)
     unknown = [n for n in names if n not in ALGORITHMS]
     if unknown:
@@ -143,5 +170,15 @@ def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None
         # matrices above max_items); asked for by name, it fails with its own message.
         n_items = len(data.arrays["item_ids"])
         names = [n for n in names if n_items <= default_params(n).get("max_items", n_items)]
-    return [fit_on_snapshot(data, name, tune=tune, n_trials=n_trials, progress=progress,
-                            cv_folds=cv_folds) for name in names]
+    caps = [trial_cap(name, n_trials) if tune else 0 for name in names]
+    spent, results = 0.0, []
+    for position, name in enumerate(names):
+        allowance = None
+        if budget and caps[position]:
+            allowance = max(budget - spent, 0.0) * caps[position] / sum(caps[position:])
+        result = fit_on_snapshot(data, name, tune=tune, n_trials=n_trials, progress=progress,
+                                 cv_folds=cv_folds, allowance=allowance)
+        if caps[position]:
+            spent += result["tuning"]["seconds"]
+        results.append(result)
+    return results

@@ -8,8 +8,11 @@ and single-process optuna, so a given (data, seed, budget) always yields the sam
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +35,16 @@ class TuningResult:
     algorithm: str
     metric: str
     best_params: dict[str, Any]
-    best_score: float
+    best_score: float | None  # None when no trial completed within the budget
     trials: pd.DataFrame
     validation: SplitSpec | None
     validation_users: int = 0  # users each trial scored (summed over folds)
     validation_users_total: int = 0  # users with held-out items (summed over folds)
+    trials_run: int = 0  # trials started, whatever their end (complete, pruned)
+    trials_cut: int = 0  # trials of the cap left undone when the time budget ran out
+    trials_pruned: int = 0
+    seconds: float = 0.0
+    study: str = ""
 
 
 @dataclass(frozen=True)
@@ -153,12 +161,14 @@ def tune_matrices(
     validation: SplitSpec | None = None,
     on_trial: Callable[[int, float], None] | None = None,
     validation_users: int = 0,
+    deadline: float | None = None,
 ) -> TuningResult:
     """The search itself, over (fit matrix, held-out matrix) pairs that never touch test.
 
     A snapshot carries its validation pair ready-made; ``tune`` builds them from a frame.
     With ``validation_users``, each trial scores a seeded sample of that many users of each
-    held-out matrix (the fit matrices keep every user).
+    held-out matrix (the fit matrices keep every user). ``n_trials`` is a cap: no trial
+    starts after ``deadline`` (wall-clock seconds since the epoch).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
@@ -173,75 +183,162 @@ def tune_matrices(
                                                                     strict=True)]
     users_scored, users_total = (sum(s[1] for s in sampled), sum(s[2] for s in sampled))
 
-    ease_paths: dict[int, tuple[str, EaseLambdaPath]] = {}  # per fit matrix
-
-    def trial_model(position: int, fit_matrix: sp.csr_matrix, params: Mapping[str, Any]
-                    ) -> Recommender:
-        if algorithm != "ease":
-            return fit_algorithm(algorithm, fit_matrix, params, seed, num_threads)
-        # One factorisation per matrix (and weighting) serves every l2 the search draws.
-        rest = repr(sorted((name, value) for name, value in params.items() if name != "l2"))
-        if position not in ease_paths or ease_paths[position][0] != rest:
-            ease_paths[position] = (rest, EaseLambdaPath(fit_matrix, params, num_threads))
-        return ease_paths[position][1].model(float(params["l2"]))
-
-    def score(params: Mapping[str, Any]) -> float:
-        values = []
-        for position, (fit_matrix, holdout) in enumerate(matrices):
-            model = trial_model(position, fit_matrix, params)
-            values.append(evaluate_model(model, fit_matrix, holdout, (k,))[key])
-        return float(np.mean(values))
+    objective = TrialObjective(algorithm, matrices, key=key, k=k, seed=seed, space=space,
+                               grid=grid, fixed=fixed, num_threads=num_threads)
 
     if not space and not grid:  # nothing to search (e.g. the popularity baseline)
+        started = time.perf_counter()
         params = spec.resolve_params(fixed)
-        value = score(params)
-        trials = pd.DataFrame([{"number": 0, "value": value, "duration_s": 0.0}])
+        value = objective.score(params)
+        seconds = time.perf_counter() - started
+        trials = pd.DataFrame([{"number": 0, "value": value, "duration_s": seconds,
+                                "state": "COMPLETE", "worker": WORKER}])
         return TuningResult(algorithm, key, params, value, trials, validation, users_scored,
-                            users_total)
+                            users_total, trials_run=1, seconds=seconds)
 
     if grid:
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.GridSampler(
+        sampler: optuna.samplers.BaseSampler = _GridSampler(
             {name: list(values) for name, values in grid.items()}, seed=seed
         )
         n_trials = int(np.prod([len(values) for values in grid.values()]))
     else:
         sampler = optuna.samplers.TPESampler(seed=seed)
 
-    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with quiet_optuna():
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        run_trials(study, objective, n_trials, deadline=deadline, on_trial=on_trial)
+    return search_result(study, objective, n_trials, validation, users_scored, users_total,
+                         time.perf_counter() - started)
 
-    def objective(trial: optuna.Trial) -> float:
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """optuna's grid sampler, without its stop at the last cell: that works only inside
+    ``Study.optimize``, and ``run_trials`` stops at the grid's size anyway."""
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                    state: optuna.trial.TrialState, values: Sequence[float] | None) -> None:
+        return None
+
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial this process runs
+
+
+class TrialObjective:
+    """One trial: draw parameters, fit on each validation pair, score its held-out users.
+
+    EASE keeps one factorisation of each fit matrix's Gram matrix for every l2 it is given.
+    """
+
+    def __init__(self, algorithm: str, matrices: Sequence[tuple[sp.csr_matrix, sp.csr_matrix]],
+                 *, key: str, k: int, seed: int, space: Mapping[str, Dimension],
+                 grid: Mapping[str, Sequence[Any]] | None, fixed: Mapping[str, Any],
+                 num_threads: int) -> None:
+        self.algorithm, self.spec = algorithm, ALGORITHMS[algorithm]
+        self.matrices, self.key, self.k, self.seed = list(matrices), key, k, seed
+        self.space, self.grid, self.fixed = space, grid, dict(fixed)
+        self.num_threads = num_threads
+        self._ease_paths: dict[int, tuple[str, EaseLambdaPath]] = {}  # per fit matrix
+
+    def draw(self, trial: optuna.Trial) -> dict[str, Any]:
+        if self.grid:
+            return {name: trial.suggest_categorical(name, list(values))
+                    for name, values in self.grid.items()}
+        return suggest_params(trial, self.space)
+
+    def params(self, drawn: Mapping[str, Any]) -> dict[str, Any]:
+        return self.spec.resolve_params({**self.fixed, **drawn})
+
+    def model(self, position: int, fit_matrix: sp.csr_matrix, params: Mapping[str, Any]
+              ) -> Recommender:
+        if self.algorithm != "ease":
+            return fit_algorithm(self.algorithm, fit_matrix, params, self.seed,
+                                 self.num_threads)
+        rest = repr(sorted((name, value) for name, value in params.items() if name != "l2"))
+        if position not in self._ease_paths or self._ease_paths[position][0] != rest:
+            path = EaseLambdaPath(fit_matrix, params, self.num_threads)
+            self._ease_paths[position] = (rest, path)
+        return self._ease_paths[position][1].model(float(params["l2"]))
+
+    def score(self, params: Mapping[str, Any]) -> float:
+        values = []
+        for position, (fit_matrix, holdout) in enumerate(self.matrices):
+            model = self.model(position, fit_matrix, params)
+            values.append(evaluate_model(model, fit_matrix, holdout, (self.k,))[self.key])
+        return float(np.mean(values))
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        return self.score(self.params(self.draw(trial)))
+
+
+def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int,
+               *, deadline: float | None = None,
+               lock: Callable[[], AbstractContextManager[Any]] = nullcontext,
+               on_trial: Callable[[int, float], None] | None = None) -> int:
+    """Run trials until the study holds ``n_trials`` (in any state) or the wall clock passes
+    ``deadline`` (a trial under way finishes); returns how many this call ran.
+
+    ``lock`` makes counting and starting a trial atomic among processes sharing the study.
+    """
+    ran = 0
+    while deadline is None or time.time() < deadline:
+        with lock():
+            if len(study.get_trials(deepcopy=False)) >= n_trials:
+                break
+            trial = study.ask()
         started = time.perf_counter()
-        drawn = (
-            {name: trial.suggest_categorical(name, list(values)) for name, values in grid.items()}
-            if grid
-            else suggest_params(trial, space)
-        )
-        value = score(spec.resolve_params({**fixed, **drawn}))
-        if on_trial is not None:
-            on_trial(trial.number, value)
-        rows.append(
-            {
-                "number": trial.number,
-                **drawn,
-                "value": value,
-                "duration_s": time.perf_counter() - started,
-            }
-        )
-        return value
+        trial.set_user_attr("worker", WORKER)
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            trial.set_user_attr("duration_s", time.perf_counter() - started)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        except BaseException:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        else:
+            trial.set_user_attr("duration_s", time.perf_counter() - started)
+            study.tell(trial, value)
+            if on_trial is not None:
+                on_trial(trial.number, value)
+        ran += 1
+    return ran
 
+
+def search_result(study: optuna.Study, objective: TrialObjective, n_trials: int,
+                  validation: SplitSpec | None, users_scored: int, users_total: int,
+                  seconds: float) -> TuningResult:
+    """The study's best trial (the defaults when no trial completed) and every trial."""
+    trials = [t for t in study.get_trials(deepcopy=False)
+              if t.state != optuna.trial.TrialState.RUNNING]
+    rows = [{"number": t.number, **t.params, "value": t.value,
+             "duration_s": t.user_attrs.get("duration_s", 0.0), "state": t.state.name,
+             "worker": t.user_attrs.get("worker", "")} for t in trials]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if complete:
+        best_trial = max(complete, key=lambda t: (t.value, -t.number))
+        best, score = objective.params(best_trial.params), float(best_trial.value)
+    else:  # the budget ended before any trial did: the frozen defaults stand
+        best, score = objective.params({}), None
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
+    return TuningResult(
+        objective.algorithm, objective.key, best, score, pd.DataFrame(rows), validation,
+        users_scored, users_total, trials_run=len(trials),
+        trials_cut=max(n_trials - len(trials), 0), trials_pruned=pruned, seconds=seconds,
+        study=study.study_name,
+    )
+
+
+@contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """One INFO line per trial is noise in workers."""
     optuna_logger = logging.getLogger("optuna")
     previous_level = optuna_logger.level
-    optuna_logger.setLevel(logging.WARNING)  # one INFO line per trial is noise in workers
+    optuna_logger.setLevel(logging.WARNING)
     try:
-        study = optuna.create_study(direction="maximize", sampler=sampler)
-        study.optimize(objective, n_trials=n_trials, n_jobs=1)
+        yield
     finally:
         optuna_logger.setLevel(previous_level)
-    best = spec.resolve_params({**fixed, **study.best_trial.params})
-    return TuningResult(
-        algorithm, key, best, float(study.best_value), pd.DataFrame(rows), validation,
-        users_scored, users_total,
-    )
 
 
 def cross_validate(
