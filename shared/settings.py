@@ -133,6 +133,10 @@ class TrainingSettings(BaseSettings):
         0.0, ge=0, description="Seconds the tuning of a whole training run may take, shared "
         "among the algorithms in proportion to their trial caps; 0 is unlimited.",
     )
+    tune_pruning: bool = Field(
+        True, description="Stop hopeless ALS and BPR tuning trials early, from their "
+        "validation score every few iterations (optuna's median rule).",
+    )
     tune_validation_users: int = Field(
         10_000, ge=0, description="Validation users each tuning trial scores: a seeded sample "
         "where more users have held-out ratings; 0 scores them all.",

@@ -89,7 +89,8 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
             num_threads=threads(), validation_users=settings.tune_validation_users,
             on_trial=(lambda number, value: progress("trial", {
                 "algorithm": algorithm, "trial": number + 1, "trials": trials,
-                "value": value})) if progress else None, deadline=deadline)
+                "value": value})) if progress else None, deadline=deadline,
+            pruning=settings.tune_pruning)
         chosen = result.best_params
         validation = {} if result.best_score is None else {result.metric: result.best_score}
         tuning = {"trials_cap": trials, "trials_run": result.trials_run,

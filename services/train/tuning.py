@@ -21,7 +21,7 @@ import optuna
 import pandas as pd
 import scipy.sparse as sp
 
-from services.train.algorithms import ALGORITHMS, Dimension, fit_algorithm
+from services.train.algorithms import ALGORITHMS, Dimension, IterationCallback, fit_algorithm
 from services.train.ease_path import EaseLambdaPath
 from shared.features import IdIndex, interactions_csr
 from shared.recommenders import Recommender, evaluate_model
@@ -125,6 +125,7 @@ def tune(
     cv_folds: int | None = None,
     num_threads: int = 0,
     validation_users: int = 0,
+    pruning: bool = False,
 ) -> TuningResult:
     """Search hyperparameters maximising ``metric@k`` on a validation split of ``train``.
 
@@ -143,6 +144,7 @@ def tune(
         algorithm, matrices, n_trials=n_trials, seed=seed, k=k, metric=metric,
         search_space=search_space, grid=grid, fixed_params=fixed_params,
         num_threads=num_threads, validation=validation, validation_users=validation_users,
+        pruning=pruning,
     )
 
 
@@ -162,13 +164,16 @@ def tune_matrices(
     on_trial: Callable[[int, float], None] | None = None,
     validation_users: int = 0,
     deadline: float | None = None,
+    pruning: bool = False,
 ) -> TuningResult:
     """The search itself, over (fit matrix, held-out matrix) pairs that never touch test.
 
     A snapshot carries its validation pair ready-made; ``tune`` builds them from a frame.
     With ``validation_users``, each trial scores a seeded sample of that many users of each
     held-out matrix (the fit matrices keep every user). ``n_trials`` is a cap: no trial
-    starts after ``deadline`` (wall-clock seconds since the epoch).
+    starts after ``deadline`` (wall-clock seconds since the epoch). With ``pruning``, ALS
+    and BPR trials report their validation score every few iterations and stop early when
+    hopeless (see PRUNING_STEPS).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
@@ -184,7 +189,8 @@ def tune_matrices(
     users_scored, users_total = (sum(s[1] for s in sampled), sum(s[2] for s in sampled))
 
     objective = TrialObjective(algorithm, matrices, key=key, k=k, seed=seed, space=space,
-                               grid=grid, fixed=fixed, num_threads=num_threads)
+                               grid=grid, fixed=fixed, num_threads=num_threads,
+                               pruning=pruning)
 
     if not space and not grid:  # nothing to search (e.g. the popularity baseline)
         started = time.perf_counter()
@@ -206,7 +212,8 @@ def tune_matrices(
 
     started = time.perf_counter()
     with quiet_optuna():
-        study = optuna.create_study(direction="maximize", sampler=sampler)
+        study = optuna.create_study(direction="maximize", sampler=sampler,
+                                    pruner=make_pruner(objective.pruning))
         run_trials(study, objective, n_trials, deadline=deadline, on_trial=on_trial)
     return search_result(study, objective, n_trials, validation, users_scored, users_total,
                          time.perf_counter() - started)
@@ -233,11 +240,14 @@ class TrialObjective:
     def __init__(self, algorithm: str, matrices: Sequence[tuple[sp.csr_matrix, sp.csr_matrix]],
                  *, key: str, k: int, seed: int, space: Mapping[str, Dimension],
                  grid: Mapping[str, Sequence[Any]] | None, fixed: Mapping[str, Any],
-                 num_threads: int) -> None:
+                 num_threads: int, pruning: bool = False) -> None:
         self.algorithm, self.spec = algorithm, ALGORITHMS[algorithm]
         self.matrices, self.key, self.k, self.seed = list(matrices), key, k, seed
         self.space, self.grid, self.fixed = space, grid, dict(fixed)
         self.num_threads = num_threads
+        # Intermediate scores need one validation pair: a fold's partial fit says nothing
+        # of the other folds'.
+        self.pruning = pruning and algorithm in PRUNING_STEPS and len(self.matrices) == 1
         self._ease_paths: dict[int, tuple[str, EaseLambdaPath]] = {}  # per fit matrix
 
     def draw(self, trial: optuna.Trial) -> dict[str, Any]:
@@ -249,26 +259,61 @@ class TrialObjective:
     def params(self, drawn: Mapping[str, Any]) -> dict[str, Any]:
         return self.spec.resolve_params({**self.fixed, **drawn})
 
-    def model(self, position: int, fit_matrix: sp.csr_matrix, params: Mapping[str, Any]
-              ) -> Recommender:
+    def model(self, position: int, fit_matrix: sp.csr_matrix, params: Mapping[str, Any],
+              trial: optuna.Trial | None = None) -> Recommender:
         if self.algorithm != "ease":
+            hook = self._pruning_hook(trial, position, int(params["iterations"])) if (
+                self.pruning and trial is not None) else None
             return fit_algorithm(self.algorithm, fit_matrix, params, self.seed,
-                                 self.num_threads)
+                                 self.num_threads, on_iteration=hook)
         rest = repr(sorted((name, value) for name, value in params.items() if name != "l2"))
         if position not in self._ease_paths or self._ease_paths[position][0] != rest:
             path = EaseLambdaPath(fit_matrix, params, self.num_threads)
             self._ease_paths[position] = (rest, path)
         return self._ease_paths[position][1].model(float(params["l2"]))
 
-    def score(self, params: Mapping[str, Any]) -> float:
+    def _pruning_hook(self, trial: optuna.Trial, position: int, iterations: int
+                      ) -> IterationCallback:
+        """Every few iterations, the validation score of the model so far goes to the
+        pruner, which stops the fit when the trial cannot catch up."""
+        fit_matrix, holdout = self.matrices[position]
+        step = PRUNING_STEPS[self.algorithm]
+
+        def report(iteration: int, current: Callable[[], Recommender]) -> None:
+            if iteration % step or iteration >= iterations:  # the last one is the result
+                return
+            value = evaluate_model(current(), fit_matrix, holdout, (self.k,))[self.key]
+            trial.report(value, iteration)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"{self.key} {value:.4f} at iteration {iteration}")
+
+        return report
+
+    def score(self, params: Mapping[str, Any], trial: optuna.Trial | None = None) -> float:
         values = []
         for position, (fit_matrix, holdout) in enumerate(self.matrices):
-            model = self.model(position, fit_matrix, params)
+            model = self.model(position, fit_matrix, params, trial)
             values.append(evaluate_model(model, fit_matrix, holdout, (self.k,))[self.key])
         return float(np.mean(values))
 
     def __call__(self, trial: optuna.Trial) -> float:
-        return self.score(self.params(self.draw(trial)))
+        return self.score(self.params(self.draw(trial)), trial)
+
+
+# Iterations between the intermediate scores a pruned search reports, per iterative fit.
+PRUNING_STEPS = {"als": 5, "bpr": 25}
+# A trial is pruned when its intermediate score falls below the median of the completed
+# trials' at the same iteration, once five trials have completed. The rule draws no random
+# numbers, so a pruned search stays as reproducible as its seeded sampler.
+PRUNER_STARTUP_TRIALS = 5
+
+
+def make_pruner(pruning: bool) -> optuna.pruners.BasePruner:
+    """The median rule when pruning, else none."""
+    if not pruning:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS,
+                                       n_warmup_steps=0)
 
 
 def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int,

@@ -89,3 +89,22 @@ def test_an_exhausted_budget_fits_the_defaults_and_the_run_goes_on(snapshot: dic
     assert trained[1]["params"]["l2"] == 412.8
     with pytest.raises(TrainingError, match="tuning budget must be positive"):
         train_many(snapshot, ["ease"], tune_budget=-1.0)
+
+
+@pytest.mark.parametrize("algorithm", ["als", "bpr"])
+def test_pruning_stops_hopeless_trials_reproducibly(train: pd.DataFrame, algorithm: str) -> None:
+    pruned = tune(algorithm, train, n_trials=14, seed=6, num_threads=1, pruning=True)
+    again = tune(algorithm, train, n_trials=14, seed=6, num_threads=1, pruning=True)
+    plain = tune(algorithm, train, n_trials=14, seed=6, num_threads=1)
+    states = pruned.trials["state"]
+    assert pruned.trials_pruned == (states == "PRUNED").sum() > 0
+    assert (states.iloc[:5] == "COMPLETE").all()  # the median rule waits for five trials
+    assert plain.trials_pruned == 0 and (plain.trials["state"] == "COMPLETE").all()
+    pd.testing.assert_frame_equal(pruned.trials.drop(columns="duration_s"),
+                                  again.trials.drop(columns="duration_s"))
+    complete = pruned.trials[states == "COMPLETE"]
+    assert pruned.best_score == complete["value"].max()
+    # Up to the first pruned trial the searches agree: pruning changes nothing it keeps.
+    first = int(np.flatnonzero(states == "PRUNED")[0])
+    assert pruned.trials["value"].iloc[:first].tolist() == plain.trials["value"].iloc[
+        :first].tolist()
