@@ -216,6 +216,9 @@ def worker(
     service: str = typer.Argument(..., help="ingest, transform, train, registry or eval."),
     concurrency: int = typer.Option(1, "--concurrency", "-c", min=1),
     loglevel: str = typer.Option("INFO", "--loglevel"),
+    hostname: str = typer.Option(None, "--hostname", "-n", help="The worker's node name "
+                                 "(SERVICE@%h when omitted); two workers on one host need "
+                                 "different ones."),
 ) -> None:
     """Start a Celery worker consuming that service's queue."""
     from shared.celery_app import ServiceQueue, configure_app, import_tasks
@@ -239,7 +242,8 @@ def worker(
     celery = configure_app()
     import_tasks(queue)
     celery.worker_main([
-        "worker", "-Q", queue.value, "-n", f"{queue.value}@%h", f"--concurrency={concurrency}",
+        "worker", "-Q", queue.value, "-n", hostname or f"{queue.value}@%h",
+        f"--concurrency={concurrency}",
         "--prefetch-multiplier=1", f"--loglevel={loglevel}", "-E", "--without-mingle",
         "--without-gossip",
     ])

@@ -133,6 +133,11 @@ class TrainingSettings(BaseSettings):
         0.0, ge=0, description="Seconds the tuning of a whole training run may take, shared "
         "among the algorithms in proportion to their trial caps; 0 is unlimited.",
     )
+    tune_workers: int = Field(
+        0, ge=0, le=256, description="Train workers the trials of one search are spread "
+        "over (through an optuna study in Postgres); 0 counts the train workers that answer, "
+        "1 keeps each search in the worker that runs it.",
+    )
     tune_pruning: bool = Field(
         True, description="Stop hopeless ALS and BPR tuning trials early, from their "
         "validation score every few iterations (optuna's median rule).",

@@ -165,6 +165,7 @@ def tune_matrices(
     validation_users: int = 0,
     deadline: float | None = None,
     pruning: bool = False,
+    shared: SharedStudy | None = None,
 ) -> TuningResult:
     """The search itself, over (fit matrix, held-out matrix) pairs that never touch test.
 
@@ -173,8 +174,82 @@ def tune_matrices(
     held-out matrix (the fit matrices keep every user). ``n_trials`` is a cap: no trial
     starts after ``deadline`` (wall-clock seconds since the epoch). With ``pruning``, ALS
     and BPR trials report their validation score every few iterations and stop early when
-    hopeless (see PRUNING_STEPS).
+    hopeless (see PRUNING_STEPS). With ``shared``, the study lives in its storage and
+    other workers, asked by ``shared.spread``, draw trials from it at the same time.
     """
+    objective, users_scored, users_total = prepare_objective(
+        algorithm, matrices, seed=seed, k=k, metric=metric, search_space=search_space,
+        grid=grid, fixed_params=fixed_params, num_threads=num_threads,
+        validation_users=validation_users, pruning=pruning)
+    key = objective.key
+
+    if not objective.space and not grid:  # nothing to search (e.g. the popularity baseline)
+        started = time.perf_counter()
+        params = objective.params({})
+        value = objective.score(params)
+        seconds = time.perf_counter() - started
+        trials = pd.DataFrame([{"number": 0, "value": value, "duration_s": seconds,
+                                "state": "COMPLETE", "worker": worker_name()}])
+        return TuningResult(algorithm, key, params, value, trials, validation, users_scored,
+                            users_total, trials_run=1, seconds=seconds)
+
+    if grid:
+        if shared is not None:
+            raise ValueError("a grid search runs in one process; give a search space instead")
+        sampler: optuna.samplers.BaseSampler = _GridSampler(
+            {name: list(values) for name, values in grid.items()}, seed=seed
+        )
+        n_trials = int(np.prod([len(values) for values in grid.values()]))
+    else:
+        # With other workers drawing at once, TPE counts their running trials as bad
+        # ones (its "constant liar") instead of proposing the same point again.
+        sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=shared is not None)
+
+    started = time.perf_counter()
+    with quiet_optuna():
+        if shared is None:
+            study = optuna.create_study(direction="maximize", sampler=sampler,
+                                        pruner=make_pruner(objective.pruning))
+            run_trials(study, objective, n_trials, deadline=deadline, on_trial=on_trial)
+        else:
+            # A redelivered run carries the same name and carries on with the same study.
+            study = optuna.create_study(storage=shared.storage, study_name=shared.name,
+                                        direction="maximize", sampler=sampler,
+                                        pruner=make_pruner(objective.pruning),
+                                        load_if_exists=True)
+            shared.spread()
+            run_trials(study, objective, n_trials, deadline=deadline, lock=shared.lock,
+                       on_trial=on_trial)
+            wait_for_running_trials(study)
+    return search_result(study, objective, n_trials, validation, users_scored, users_total,
+                         time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class SharedStudy:
+    """A study in a shared storage that several processes draw trials from."""
+
+    name: str
+    storage: optuna.storages.BaseStorage
+    lock: Callable[[], AbstractContextManager[Any]] = nullcontext
+    spread: Callable[[], None] = lambda: None  # asks other workers to draw trials too
+
+
+def prepare_objective(
+    algorithm: str,
+    matrices: Sequence[tuple[sp.csr_matrix, sp.csr_matrix]],
+    *,
+    seed: int,
+    k: int = 10,
+    metric: str = "ndcg",
+    search_space: Mapping[str, Dimension] | None = None,
+    grid: Mapping[str, Sequence[Any]] | None = None,
+    fixed_params: Mapping[str, Any] | None = None,
+    num_threads: int = 0,
+    validation_users: int = 0,
+    pruning: bool = False,
+) -> tuple[TrialObjective, int, int]:
+    """The trial objective on the (sampled) validation pairs; users scored and users there."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
     spec = ALGORITHMS[algorithm]
@@ -184,39 +259,36 @@ def tune_matrices(
     spec.resolve_params({**fixed, **dict.fromkeys(grid or space)})  # raises on unknown names
     sampled = [sample_validation_users(holdout, validation_users, seed)
                for _fit, holdout in matrices]
-    matrices = [(fit, holdout) for (fit, _), (holdout, _, _) in zip(matrices, sampled,
-                                                                    strict=True)]
-    users_scored, users_total = (sum(s[1] for s in sampled), sum(s[2] for s in sampled))
-
-    objective = TrialObjective(algorithm, matrices, key=key, k=k, seed=seed, space=space,
+    pairs = [(fit, holdout) for (fit, _), (holdout, _, _) in zip(matrices, sampled, strict=True)]
+    objective = TrialObjective(algorithm, pairs, key=key, k=k, seed=seed, space=space,
                                grid=grid, fixed=fixed, num_threads=num_threads,
                                pruning=pruning)
+    return objective, sum(s[1] for s in sampled), sum(s[2] for s in sampled)
 
-    if not space and not grid:  # nothing to search (e.g. the popularity baseline)
-        started = time.perf_counter()
-        params = spec.resolve_params(fixed)
-        value = objective.score(params)
-        seconds = time.perf_counter() - started
-        trials = pd.DataFrame([{"number": 0, "value": value, "duration_s": seconds,
-                                "state": "COMPLETE", "worker": WORKER}])
-        return TuningResult(algorithm, key, params, value, trials, validation, users_scored,
-                            users_total, trials_run=1, seconds=seconds)
 
-    if grid:
-        sampler: optuna.samplers.BaseSampler = _GridSampler(
-            {name: list(values) for name, values in grid.items()}, seed=seed
-        )
-        n_trials = int(np.prod([len(values) for values in grid.values()]))
-    else:
-        sampler = optuna.samplers.TPESampler(seed=seed)
-
-    started = time.perf_counter()
+def draw_trials(objective: TrialObjective, shared: SharedStudy, *, n_trials: int, seed: int,
+                deadline: float | None = None) -> int:
+    """Another worker's share of a shared search: trials until the study holds
+    ``n_trials`` or the deadline passes; returns how many this worker ran. ``seed`` must
+    differ between workers (the sampler's random start would repeat itself otherwise)."""
+    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     with quiet_optuna():
-        study = optuna.create_study(direction="maximize", sampler=sampler,
-                                    pruner=make_pruner(objective.pruning))
-        run_trials(study, objective, n_trials, deadline=deadline, on_trial=on_trial)
-    return search_result(study, objective, n_trials, validation, users_scored, users_total,
-                         time.perf_counter() - started)
+        study = optuna.load_study(study_name=shared.name, storage=shared.storage,
+                                  sampler=sampler, pruner=make_pruner(objective.pruning))
+        return run_trials(study, objective, n_trials, deadline=deadline, lock=shared.lock)
+
+
+def wait_for_running_trials(study: optuna.Study, poll: float = 0.2) -> None:
+    """Wait for the trials other workers still run, as long as five times the longest
+    trial so far (at least a minute): one whose worker died is left out after that."""
+    def running() -> list[optuna.trial.FrozenTrial]:
+        return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+
+    longest = max((t.user_attrs.get("duration_s", 0.0) for t in study.get_trials(
+        deepcopy=False)), default=0.0)
+    give_up = time.monotonic() + max(60.0, 5 * longest)
+    while running() and time.monotonic() < give_up:
+        time.sleep(poll)
 
 
 class _GridSampler(optuna.samplers.GridSampler):
@@ -228,7 +300,9 @@ class _GridSampler(optuna.samplers.GridSampler):
         return None
 
 
-WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial this process runs
+def worker_name() -> str:
+    """Host and process recorded on each trial (a prefork pool's children differ)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class TrialObjective:
@@ -332,7 +406,7 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
                 break
             trial = study.ask()
         started = time.perf_counter()
-        trial.set_user_attr("worker", WORKER)
+        trial.set_user_attr("worker", worker_name())
         try:
             value = objective(trial)
         except optuna.TrialPruned:
