@@ -142,6 +142,11 @@ class TrainingSettings(BaseSettings):
         True, description="Stop hopeless ALS and BPR tuning trials early, from their "
         "validation score every few iterations (optuna's median rule).",
     )
+    tune_pruning_min_interactions: int = Field(
+        500_000, ge=0, description="Prune only where the validation fit matrix holds at least "
+        "this many interactions: below, scoring a partial fit costs about what the "
+        "iterations it saves do.",
+    )
     tune_validation_users: int = Field(
         10_000, ge=0, description="Validation users each tuning trial scores: a seeded sample "
         "where more users have held-out ratings; 0 scores them all.",

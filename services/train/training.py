@@ -103,7 +103,7 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
             on_trial=(lambda number, value: progress("trial", {
                 "algorithm": algorithm, "trial": number + 1, "trials": trials,
                 "value": value})) if progress else None, deadline=deadline,
-            pruning=settings.tune_pruning, shared=shared)
+            pruning=pruning_applies(pair[0]), shared=shared)
         chosen = result.best_params
         validation = {} if result.best_score is None else {result.metric: result.best_score}
         tuning = {"trials_cap": trials, "trials_run": result.trials_run,
@@ -194,12 +194,20 @@ def draw_trials_on_snapshot(snapshot: dict[str, Any], algorithm: str, study: str
     objective, _, _ = prepare_objective(
         algorithm, [pair], seed=settings.seed, fixed_params=fixed_params,
         num_threads=threads(), validation_users=settings.tune_validation_users,
-        pruning=settings.tune_pruning)
+        pruning=pruning_applies(pair[0]))
     shared = SharedStudy(study, study_storage(settings.database_url),
                          lambda: study_lock(settings.database_url, study))
     ran = draw_trials(objective, shared, n_trials=n_trials, seed=settings.seed + helper,
                       deadline=deadline)
     return {"study": study, "algorithm": algorithm, "trials_run": ran}
+
+
+def pruning_applies(fit_matrix: sp.csr_matrix) -> bool:
+    """TUNE_PRUNING, where the data is large enough for pruning to save time: on ml-100k
+    (56,000 validation interactions) scoring ALS and BPR every few iterations cost more
+    than the iterations pruning saved, and the pruned BPR search chose worse."""
+    settings = get_settings()
+    return settings.tune_pruning and fit_matrix.nnz >= settings.tune_pruning_min_interactions
 
 
 def tuning_workers() -> int:

@@ -20,10 +20,15 @@ from shared.splits import random_split, validation_split
 def snapshot(use_settings, tmp_path: Path) -> dict:  # type: ignore[no-untyped-def]
     use_settings(MODEL_PATH=str(tmp_path / "models"))
     rng = np.random.default_rng(3)
-    matrix = sp.csr_matrix((rng.random((80, 40)) < 0.3).astype(np.float32) * 4.0)
+    taste = np.where(np.arange(80)[:, None] < 40, np.arange(40) < 20, np.arange(40) >= 20)
+    liked = rng.random((80, 40)) < np.where(taste, 0.6, 0.1)
+    seen = liked & (rng.random((80, 40)) < 0.7)  # the rest of what they like is held out
+    matrix = sp.csr_matrix(seen.astype(np.float32) * 4.0)
+    held = sp.csr_matrix((liked & ~seen).astype(np.float32) * 4.0)
     arrays = {"user_ids": np.arange(1, 81), "item_ids": np.arange(1, 41)}
-    for name in ("train", "validation_train", "validation_test", "test"):
-        arrays.update(csr_to_arrays(name, matrix))
+    for name, part in (("train", matrix), ("validation_train", matrix),
+                       ("validation_test", held), ("test", held)):
+        arrays.update(csr_to_arrays(name, part))
     ref = write_artifact("snapshots", arrays, {"kind": "snapshot"})
     return {"snapshot_id": "s", "artifact_path": ref.path, "sha256": ref.sha256}
 
@@ -108,3 +113,15 @@ def test_pruning_stops_hopeless_trials_reproducibly(train: pd.DataFrame, algorit
     first = int(np.flatnonzero(states == "PRUNED")[0])
     assert pruned.trials["value"].iloc[:first].tolist() == plain.trials["value"].iloc[
         :first].tolist()
+
+
+def test_pruning_waits_for_data_large_enough(snapshot: dict, use_settings) -> None:  # type: ignore[no-untyped-def]
+    (small,) = train_many(snapshot, ["als"], n_trials=12)
+    assert small["tuning"]["trials_pruned"] == 0  # 80 x 40 is far below the threshold
+    use_settings(TUNE_PRUNING_MIN_INTERACTIONS="0")
+    (forced,) = train_many(snapshot, ["als"], n_trials=12)
+    assert forced["tuning"]["trials_pruned"] > 0
+    assert forced["tuning"]["trials_run"] == 12
+    use_settings(TUNE_PRUNING_MIN_INTERACTIONS="0", TUNE_PRUNING="false")
+    (off,) = train_many(snapshot, ["als"], n_trials=12)
+    assert off["tuning"]["trials_pruned"] == 0 and off["params"] == small["params"]
