@@ -6,10 +6,13 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import recsys_command
 from tests.ingest.test_embedded import embedded_env
 
 
+@pytest.mark.slow
 def test_pipeline_reports_the_tuning_budget(tmp_path: Path, ml100k: Path) -> None:
     env = embedded_env(tmp_path, DATA_SOURCE=str(ml100k))
     done = subprocess.run(
