@@ -152,6 +152,9 @@ def pipeline(
                                "(each algorithm's own budget when omitted)."),
     cv_folds: int = typer.Option(None, "--cv-folds", min=2, help="Also report k-fold "
                                  "cross-validation (mean, spread) of each tuned model."),
+    tune_budget: float = typer.Option(None, "--tune-budget", help="Seconds the tuning of "
+                                      "every algorithm together may take; trial counts become "
+                                      "caps (TUNE_BUDGET_SECONDS; unlimited when 0)."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Seconds to wait for the chain."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object last."),
 ) -> None:
@@ -161,10 +164,12 @@ def pipeline(
 
     if protocol and protocol not in {p.value for p in EvalProtocol}:
         fail(f"--protocol {protocol!r} is not one of random, temporal, leave-last-n", 2)
+    if tune_budget is not None and not tune_budget > 0:
+        fail(f"--tune-budget must be a positive number of seconds, got {tune_budget}", 2)
     ensure_schema()
     options = {"source": source or get_settings().data_source, "protocol": protocol,
                "algorithms": algorithms.split(",") if algorithms else None, "trials": trials,
-               "cv_folds": cv_folds}
+               "cv_folds": cv_folds, "tune_budget": tune_budget}
     try:
         with pipeline_status():
             summary = run_pipeline(stages, stage, timeout=timeout, **options)
@@ -271,6 +276,9 @@ def worker(
     service: str = typer.Argument(..., help="ingest, transform, train, registry or eval."),
     concurrency: int = typer.Option(1, "--concurrency", "-c", min=1),
     loglevel: str = typer.Option("INFO", "--loglevel"),
+    hostname: str = typer.Option(None, "--hostname", "-n", help="The worker's node name "
+                                 "(SERVICE@%h when omitted); two workers on one host need "
+                                 "different ones."),
 ) -> None:
     """Start a Celery worker consuming that service's queue."""
     from shared.celery_app import ServiceQueue, configure_app, import_tasks
@@ -295,7 +303,8 @@ def worker(
     celery = configure_app()
     import_tasks(queue)
     celery.worker_main([
-        "worker", "-Q", queue.value, "-n", f"{queue.value}@%h", f"--concurrency={concurrency}",
+        "worker", "-Q", queue.value, "-n", hostname or f"{queue.value}@%h",
+        f"--concurrency={concurrency}",
         "--prefetch-multiplier=1", f"--loglevel={loglevel}", "-E", "--without-mingle",
         "--without-gossip",
     ])

@@ -20,6 +20,7 @@ from shared.celery_app import app, import_tasks, queue_of, task_available
 from shared.db import Snapshot, session_scope
 from shared.errors import RecsysError
 from shared.retrain import lock_retrain, run_retrain_here, send_retrain
+from shared.settings import get_settings
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ def build_chain(chosen: list[Stage], options: dict[str, Any]) -> Any:
         "ingest": {"source": options.get("source")},
         "transform": {"protocol": options.get("protocol")},
         "train": {"algorithms": options.get("algorithms"), "n_trials": options.get("trials"),
-                  "cv_folds": options.get("cv_folds")},
+                  "cv_folds": options.get("cv_folds"),
+                  "tune_budget": options.get("tune_budget")},
     }
     signatures = []
     for position, current in enumerate(chosen):
@@ -136,8 +138,17 @@ def run_pipeline(stages: str | None = None, stage: str | None = None,
         summary["snapshot"] = outputs["transform"]["snapshot_id"]
     if "train" in outputs:
         summary["trained"] = [{k: t.get(k) for k in ("algorithm", "params", "validation",
-                                                     "cross_validation", "seconds")}
+                                                     "cross_validation", "tuning",
+                                                     "seconds")}
                               for t in outputs["train"]]
+        tuned = [t["tuning"] for t in outputs["train"] if t.get("tuning")]
+        summary["tuning"] = {
+            "budget_seconds": options.get("tune_budget") or get_settings().tune_budget_seconds
+            or None,
+            "seconds": round(sum(t["seconds"] for t in tuned), 3),
+            "trials_run": sum(t["trials_run"] for t in tuned),
+            "trials_cut": sum(t["trials_cut"] for t in tuned),
+        }
     if "evaluate" in outputs:
         summary["models"] = outputs["evaluate"]["models"]
         summary["snapshot"] = outputs["evaluate"]["snapshot"]["snapshot_id"]

@@ -129,6 +129,28 @@ class TrainingSettings(BaseSettings):
     als_iterations: int = Field(15, ge=1, le=1000, description="ALS iterations (default).")
     train_threads: int = Field(0, ge=0, description="Threads for training; 0 means all cores.")
     seed: int = Field(42, description="Seed of every random number generator.")
+    tune_budget_seconds: float = Field(
+        0.0, ge=0, description="Seconds the tuning of a whole training run may take, shared "
+        "among the algorithms in proportion to their trial caps; 0 is unlimited.",
+    )
+    tune_workers: int = Field(
+        0, ge=0, le=256, description="Train workers the trials of one search are spread "
+        "over (through an optuna study in Postgres); 0 counts the train workers that answer, "
+        "1 keeps each search in the worker that runs it.",
+    )
+    tune_pruning: bool = Field(
+        True, description="Stop hopeless ALS and BPR tuning trials early, from their "
+        "validation score every few iterations (optuna's median rule).",
+    )
+    tune_pruning_min_interactions: int = Field(
+        500_000, ge=0, description="Prune only where the validation fit matrix holds at least "
+        "this many interactions: below, scoring a partial fit costs about what the "
+        "iterations it saves do.",
+    )
+    tune_validation_users: int = Field(
+        10_000, ge=0, description="Validation users each tuning trial scores: a seeded sample "
+        "where more users have held-out ratings; 0 scores them all.",
+    )
 
 
 class ServingSettings(BaseSettings):

@@ -33,6 +33,9 @@ from shared.recommenders import (
 )
 
 Params = Mapping[str, Any]
+# Called after each training iteration (counted from 1) with a way to build the model as it
+# stands; tuning measures it there to prune hopeless trials. Raising stops the fit.
+IterationCallback = Callable[[int, Callable[[], Recommender]], None]
 
 
 # ---- fitting -------------------------------------------------------------------------------
@@ -42,8 +45,17 @@ def _weighted(train_csr: sp.spmatrix, params: Params) -> tuple[Weighting, sp.csr
     return Weighting.from_params(dict(params)).fit_transform(train_csr)
 
 
+def _iteration_hook(on_iteration: IterationCallback | None,
+                    current: Callable[[], Recommender]) -> Callable[..., None] | None:
+    """implicit's per-iteration callback (iteration from 0, then timings) as ours."""
+    if on_iteration is None:
+        return None
+    return lambda iteration, *_: on_iteration(iteration + 1, current)
+
+
 def _fit_als(
-    train_csr: sp.spmatrix, params: Params, seed: int, num_threads: int = 0
+    train_csr: sp.spmatrix, params: Params, seed: int, num_threads: int = 0,
+    on_iteration: IterationCallback | None = None,
 ) -> FactorModel:
     """Implicit-feedback ALS (implicit's CPU conjugate-gradient solver)."""
     from implicit.cpu.als import AlternatingLeastSquares
@@ -60,12 +72,14 @@ def _fit_als(
             random_state=seed,
             num_threads=num_threads or default_num_threads(),
         )
-        model.fit(matrix, show_progress=False)
+        model.fit(matrix, show_progress=False, callback=_iteration_hook(on_iteration, lambda: (
+            FactorModel("als", weighting, model.user_factors, model.item_factors, reg, alpha))))
     return FactorModel("als", weighting, model.user_factors, model.item_factors, reg, alpha)
 
 
 def _fit_bpr(
-    train_csr: sp.spmatrix, params: Params, seed: int, num_threads: int = 0
+    train_csr: sp.spmatrix, params: Params, seed: int, num_threads: int = 0,
+    on_iteration: IterationCallback | None = None,
 ) -> FactorModel:
     """Bayesian personalised ranking (implicit's CPU SGD), always on one thread: its lock-free
     multi-threaded updates depend on scheduling and would make runs irreproducible."""
@@ -82,7 +96,8 @@ def _fit_bpr(
             random_state=seed,
             num_threads=1,
         )
-        model.fit(matrix, show_progress=False)
+        model.fit(matrix, show_progress=False, callback=_iteration_hook(on_iteration, lambda: (
+            FactorModel("bpr", weighting, model.user_factors, model.item_factors, reg, 1.0))))
     return FactorModel("bpr", weighting, model.user_factors, model.item_factors, reg, 1.0)
 
 
@@ -280,11 +295,14 @@ class AlgorithmSpec:
         params: Params | None = None,
         seed: int = 42,
         num_threads: int = 0,
+        on_iteration: IterationCallback | None = None,
     ) -> Recommender:
         """Fit on a raw-rating CSR; ``params`` overlay the defaults, num_threads=0 uses every
-        CPU this process may use."""
+        CPU this process may use; ``on_iteration`` is for the iterative fits (ALS, BPR)."""
         matrix = sp.csr_matrix(train_csr, dtype=np.float32)
-        return self.fit_fn(matrix, self.resolve_params(params), seed, num_threads=num_threads)
+        extra = {} if on_iteration is None else {"on_iteration": on_iteration}
+        return self.fit_fn(matrix, self.resolve_params(params), seed, num_threads=num_threads,
+                           **extra)
 
 
 # Defaults are the tuned values (4 significant digits) of tune(name, train, n_trials=n_trials,
@@ -346,8 +364,9 @@ def fit_algorithm(
     params: Params | None = None,
     seed: int = 42,
     num_threads: int = 0,
+    on_iteration: IterationCallback | None = None,
 ) -> Recommender:
     """Fit the registered algorithm ``name``: ``ALGORITHMS[name].fit`` with a clear error."""
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted(ALGORITHMS)}")
-    return ALGORITHMS[name].fit(train_csr, params, seed, num_threads)
+    return ALGORITHMS[name].fit(train_csr, params, seed, num_threads, on_iteration)

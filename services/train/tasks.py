@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.train.training import TrainingError, fit_on_snapshot, load_snapshot, train_many
+from services.train.training import (
+    TrainingError,
+    draw_trials_on_snapshot,
+    fit_on_snapshot,
+    load_snapshot,
+    train_many,
+)
 from shared.artifacts import ArtifactError
 from shared.celery_app import service_task
 from shared.progress import report
@@ -36,11 +42,27 @@ def fit(self: Any, snapshot: dict[str, Any], algorithm: str = "als",
 
 @service_task("train.tune")
 def tune(self: Any, snapshot: dict[str, Any], algorithms: list[str] | None = None,
-         n_trials: int | None = None, cv_folds: int | None = None) -> list[dict[str, Any]]:
-    """Tune every algorithm on the snapshot's validation pair, then fit each on train."""
+         n_trials: int | None = None, cv_folds: int | None = None,
+         tune_budget: float | None = None) -> list[dict[str, Any]]:
+    """Tune every algorithm on the snapshot's validation pair (within ``tune_budget``
+    seconds when given), then fit each on train."""
     try:
         results = train_many(snapshot, algorithms, tune=True, n_trials=n_trials,
-                             progress=_progress(self), cv_folds=cv_folds)
+                             progress=_progress(self), cv_folds=cv_folds,
+                             tune_budget=tune_budget, run_id=self.request.id)
     except (TrainingError, ArtifactError, ValueError) as error:  # ValueError: bad params
         raise TrainingError(str(error)) from None
     return [{**r, "task_id": self.request.id} for r in results]
+
+
+@service_task("train.trials")
+def trials(self: Any, snapshot: dict[str, Any], algorithm: str, study: str, n_trials: int,
+           fixed_params: dict[str, Any], deadline: float | None = None,
+           helper: int = 1) -> dict[str, Any]:
+    """Draw trials of a search another train worker started, until its study is full."""
+    try:
+        result = draw_trials_on_snapshot(snapshot, algorithm, study, n_trials, fixed_params,
+                                         deadline, helper)
+    except (TrainingError, ArtifactError, ValueError) as error:
+        raise TrainingError(str(error)) from None
+    return {**result, "task_id": self.request.id}

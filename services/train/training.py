@@ -1,12 +1,14 @@
 """Training on a snapshot: tune on its validation pair, fit on its train split, store arrays.
 
 The train service reads snapshots from the artifact store and writes model artifacts
-there; it never touches the database. Registering the result is the registry's job.
+there; registering the result is the registry's job. The only database it touches is
+optuna's, when the trials of a search are spread over several train workers.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +18,14 @@ import pandas as pd
 import scipy.sparse as sp
 
 from services.train.algorithms import ALGORITHMS, fit_algorithm
-from services.train.tuning import cross_validate, tune_matrices
+from services.train.studies import shares_studies, study_lock, study_storage
+from services.train.tuning import (
+    SharedStudy,
+    cross_validate,
+    draw_trials,
+    prepare_objective,
+    tune_matrices,
+)
 from shared.artifacts import arrays_to_csr, read_artifact, write_artifact
 from shared.errors import RecsysError
 from shared.recommenders import default_num_threads, evaluate_model
@@ -67,9 +76,14 @@ def threads() -> int:
 
 def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] | None = None,
                     tune: bool = False, n_trials: int | None = None,
-                    progress: Progress | None = None, cv_folds: int | None = None
+                    progress: Progress | None = None, cv_folds: int | None = None,
+                    allowance: float | None = None, workers: int = 1, run_id: str = ""
                     ) -> dict[str, Any]:
-    """Tune (optionally) on validation, fit on train, store the model; a JSON-able record."""
+    """Tune (optionally) on validation, fit on train, store the model; a JSON-able record.
+
+    ``allowance`` bounds the tuning in seconds: no trial starts once it is spent. With
+    ``workers`` above 1, ``workers - 1`` other train workers draw trials of the same study.
+    """
     settings = get_settings()
     started = time.perf_counter()
     try:
@@ -80,23 +94,42 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
     pair = (data.matrix("validation_train"), data.matrix("validation_test"))
     spec = ALGORITHMS[algorithm]
     if tune and spec.search_space:
-        trials = n_trials or spec.n_trials or 10
+        trials = trial_cap(algorithm, n_trials)
+        deadline = None if allowance is None else time.time() + allowance
+        fixed = {k: v for k, v in base.items() if k not in spec.search_space}
+        shared = shared_study(data.info, algorithm, run_id, workers, trials, fixed,
+                              deadline) if workers > 1 else None
         result = tune_matrices(
-            algorithm, [pair], n_trials=trials, seed=settings.seed, fixed_params={
-                k: v for k, v in base.items() if k not in spec.search_space},
-            num_threads=threads(),
+            algorithm, [pair], n_trials=trials, seed=settings.seed, fixed_params=fixed,
+            num_threads=threads(), validation_users=settings.tune_validation_users,
             on_trial=(lambda number, value: progress("trial", {
                 "algorithm": algorithm, "trial": number + 1, "trials": trials,
-                "value": value})) if progress else None)
-        chosen, validation = result.best_params, {result.metric: result.best_score}
+                "value": value})) if progress else None, deadline=deadline,
+            pruning=pruning_applies(pair[0]), shared=shared)
+        chosen = result.best_params
+        validation = {} if result.best_score is None else {result.metric: result.best_score}
+        tuning = {"trials_cap": trials, "trials_run": result.trials_run,
+                  "trials_cut": result.trials_cut, "trials_pruned": result.trials_pruned,
+                  "seconds": round(result.seconds, 3),
+                  "allowance_seconds": None if allowance is None else round(allowance, 3),
+                  "validation_users": result.validation_users,
+                  "validation_users_total": result.validation_users_total,
+                  "study": result.study if shared else None,
+                  "workers": sorted(set(result.trials["worker"])) if len(result.trials) else []}
     elif tune:  # nothing to search (most-popular): still report its validation score
+        scored = time.perf_counter()
         chosen = spec.resolve_params(base)
         model = fit_algorithm(algorithm, pair[0], chosen, settings.seed, threads())
         validation = {"ndcg@10": evaluate_model(model, pair[0], pair[1], (10,))["ndcg@10"]}
+        users = int(np.count_nonzero(np.diff(pair[1].indptr)))
+        tuning = {"trials_cap": 0, "trials_run": 0, "trials_cut": 0, "trials_pruned": 0,
+                  "seconds": round(time.perf_counter() - scored, 3), "allowance_seconds": None,
+                  "validation_users": users, "validation_users_total": users,
+                  "study": None, "workers": []}
     else:
         # A plain fit trains once: measuring is eval's job, and a validation pass here
         # would cost a second fit and a scoring of every user (5x the fit at 25M ratings).
-        chosen, validation = spec.resolve_params(base), {}
+        chosen, validation, tuning = spec.resolve_params(base), {}, None
     spread = cross_validation(data, algorithm, chosen, cv_folds) if cv_folds else None
     if progress:
         progress("fit", {"algorithm": algorithm, "params": chosen})
@@ -110,7 +143,7 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
     return {"algorithm": algorithm, "params": chosen, "artifact_path": ref.path,
             "sha256": ref.sha256, "snapshot": data.info,
             "validation": manifest["validation"], "tuned": bool(tune and spec.search_space),
-            "cross_validation": spread,
+            "cross_validation": spread, "tuning": tuning,
             "seconds": round(time.perf_counter() - started, 3)}
 
 
@@ -125,11 +158,94 @@ def cross_validation(data: SnapshotData, algorithm: str, params: dict[str, Any],
             "folds": list(result.fold_scores)}
 
 
+def study_name(snapshot: dict[str, Any], algorithm: str, run_id: str) -> str:
+    """A shared study is named after the snapshot, the algorithm and the training run."""
+    return f"{snapshot['snapshot_id']}.{algorithm}.{run_id}"
+
+
+def shared_study(snapshot: dict[str, Any], algorithm: str, run_id: str, workers: int,
+                 n_trials: int, fixed: dict[str, Any], deadline: float | None) -> SharedStudy:
+    """The study of one search in Postgres, and the `train.trials` tasks that ask
+    ``workers - 1`` other train workers to draw from it. A task that arrives after the
+    search is over finds the study full and returns at once, so one worker still works."""
+    from shared.celery_app import app
+
+    settings = get_settings()
+    name = study_name(snapshot, algorithm, run_id)
+
+    def spread() -> None:
+        for helper in range(1, workers):
+            app.send_task("train.trials", queue="train", kwargs={
+                "snapshot": snapshot, "algorithm": algorithm, "study": name,
+                "n_trials": n_trials, "fixed_params": fixed, "deadline": deadline,
+                "helper": helper})
+
+    return SharedStudy(name, study_storage(settings.database_url),
+                       lambda: study_lock(settings.database_url, name), spread)
+
+
+def draw_trials_on_snapshot(snapshot: dict[str, Any], algorithm: str, study: str,
+                            n_trials: int, fixed_params: dict[str, Any],
+                            deadline: float | None, helper: int) -> dict[str, Any]:
+    """One worker's share of a search spread over train workers (the task `train.trials`)."""
+    settings = get_settings()
+    if not shares_studies(settings.database_url):
+        raise TrainingError("train.trials needs DATABASE_URL on Postgres, where the study is")
+    data = load_snapshot(snapshot)
+    pair = (data.matrix("validation_train"), data.matrix("validation_test"))
+    objective, _, _ = prepare_objective(
+        algorithm, [pair], seed=settings.seed, fixed_params=fixed_params,
+        num_threads=threads(), validation_users=settings.tune_validation_users,
+        pruning=pruning_applies(pair[0]))
+    shared = SharedStudy(study, study_storage(settings.database_url),
+                         lambda: study_lock(settings.database_url, study))
+    ran = draw_trials(objective, shared, n_trials=n_trials, seed=settings.seed + helper,
+                      deadline=deadline)
+    return {"study": study, "algorithm": algorithm, "trials_run": ran}
+
+
+def pruning_applies(fit_matrix: sp.csr_matrix) -> bool:
+    """TUNE_PRUNING, where the data is large enough for pruning to save time: on ml-100k
+    (56,000 validation interactions) scoring ALS and BPR every few iterations cost more
+    than the iterations pruning saved, and the pruned BPR search chose worse."""
+    settings = get_settings()
+    return settings.tune_pruning and fit_matrix.nnz >= settings.tune_pruning_min_interactions
+
+
+def tuning_workers() -> int:
+    """Train workers a search is spread over: TUNE_WORKERS, or with 0 as many as answer on
+    the train queue; 1 (this process alone) without a broker and Postgres."""
+    settings = get_settings()
+    if not (settings.broker_url and shares_studies(settings.database_url)):
+        return 1
+    if settings.tune_workers:
+        return settings.tune_workers
+    from shared.celery_app import ServiceQueue, answering_workers
+
+    return max(answering_workers(ServiceQueue.TRAIN), 1)
+
+
+def trial_cap(algorithm: str, n_trials: int | None = None) -> int:
+    """Trials an algorithm's search may run: ``n_trials``, else its own count (0 when it has
+    nothing to search)."""
+    spec = ALGORITHMS[algorithm]
+    return (n_trials or spec.n_trials or 10) if spec.search_space else 0
+
+
 def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None,
                tune: bool = True, n_trials: int | None = None,
-               progress: Progress | None = None, cv_folds: int | None = None
+               progress: Progress | None = None, cv_folds: int | None = None,
+               tune_budget: float | None = None, run_id: str | None = None
                ) -> list[dict[str, Any]]:
-    """Every requested algorithm on one snapshot, loaded once."""
+    """Every requested algorithm on one snapshot, loaded once.
+
+    A tuning budget (``tune_budget`` seconds, else TUNE_BUDGET_SECONDS; 0 is unlimited) is
+    shared in order: each algorithm may spend the budget still unspent times its trial cap
+    over the caps of the algorithms still to tune, so time one leaves passes to the next.
+    """
+    budget = get_settings().tune_budget_seconds if tune_budget is None else tune_budget
+    if budget < 0:
+        raise TrainingError(f"the tuning budget must be positive seconds, got {budget}")
     names = list(algorithms or DEFAULT_ALGORITHMS)
     unknown = [n for n in names if n not in ALGORITHMS]
     if unknown:
@@ -144,5 +260,18 @@ def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None
         names = [n if n_items <= default_params(n).get("max_items", n_items) else
                  CAPPED_REPLACEMENTS.get(n, "") for n in names]
         names = [n for n in names if n]
-    return [fit_on_snapshot(data, name, tune=tune, n_trials=n_trials, progress=progress,
-                            cv_folds=cv_folds) for name in names]
+    caps = [trial_cap(name, n_trials) if tune else 0 for name in names]
+    workers = tuning_workers() if any(caps) else 1
+    run_id = run_id or uuid.uuid4().hex
+    spent, results = 0.0, []
+    for position, name in enumerate(names):
+        allowance = None
+        if budget and caps[position]:
+            allowance = max(budget - spent, 0.0) * caps[position] / sum(caps[position:])
+        result = fit_on_snapshot(data, name, tune=tune, n_trials=n_trials, progress=progress,
+                                 cv_folds=cv_folds, allowance=allowance, workers=workers,
+                                 run_id=run_id)
+        if caps[position]:
+            spent += result["tuning"]["seconds"]
+        results.append(result)
+    return results

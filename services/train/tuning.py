@@ -8,8 +8,11 @@ and single-process optuna, so a given (data, seed, budget) always yields the sam
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +21,10 @@ import optuna
 import pandas as pd
 import scipy.sparse as sp
 
-from services.train.algorithms import ALGORITHMS, Dimension, fit_algorithm
+from services.train.algorithms import ALGORITHMS, Dimension, IterationCallback, fit_algorithm
+from services.train.ease_path import EaseLambdaPath
 from shared.features import IdIndex, interactions_csr
-from shared.recommenders import evaluate_model
+from shared.recommenders import Recommender, evaluate_model
 from shared.splits import Split, SplitSpec, kfold_splits, validation_split
 
 
@@ -31,9 +35,16 @@ class TuningResult:
     algorithm: str
     metric: str
     best_params: dict[str, Any]
-    best_score: float
+    best_score: float | None  # None when no trial completed within the budget
     trials: pd.DataFrame
     validation: SplitSpec | None
+    validation_users: int = 0  # users each trial scored (summed over folds)
+    validation_users_total: int = 0  # users with held-out items (summed over folds)
+    trials_run: int = 0  # trials started, whatever their end (complete, pruned)
+    trials_cut: int = 0  # trials of the cap left undone when the time budget ran out
+    trials_pruned: int = 0
+    seconds: float = 0.0
+    study: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,24 @@ def split_matrices(split: Split, reference: pd.DataFrame) -> tuple[sp.csr_matrix
     # Validation/test rows for ids unknown to the reference cannot be scored; drop them.
     test = interactions_csr(split.test, users, items, drop_unknown=True)
     return train, test
+
+
+def sample_validation_users(holdout: sp.csr_matrix, n_users: int, seed: int
+                            ) -> tuple[sp.csr_matrix, int, int]:
+    """The held-out rows of a seeded sample of ``n_users`` users (all when 0 or more than
+    there are), the others emptied; with the sample size and the number of users there were."""
+    holdout = sp.csr_matrix(holdout)
+    users = np.flatnonzero(np.diff(holdout.indptr))
+    if n_users < 0:
+        raise ValueError(f"validation users must be 0 (all) or positive, got {n_users}")
+    if not n_users or n_users >= users.size:
+        return holdout, users.size, users.size
+    chosen = np.random.default_rng(seed).choice(users, n_users, replace=False)
+    keep = np.zeros(holdout.shape[0], dtype=np.float32)
+    keep[chosen] = 1.0
+    sampled = sp.csr_matrix(sp.diags(keep) @ holdout)
+    sampled.eliminate_zeros()
+    return sampled, n_users, users.size
 
 
 def suggest_params(trial: optuna.Trial, space: Mapping[str, Dimension]) -> dict[str, Any]:
@@ -95,6 +124,8 @@ def tune(
     fixed_params: Mapping[str, Any] | None = None,
     cv_folds: int | None = None,
     num_threads: int = 0,
+    validation_users: int = 0,
+    pruning: bool = False,
 ) -> TuningResult:
     """Search hyperparameters maximising ``metric@k`` on a validation split of ``train``.
 
@@ -112,7 +143,8 @@ def tune(
     return tune_matrices(
         algorithm, matrices, n_trials=n_trials, seed=seed, k=k, metric=metric,
         search_space=search_space, grid=grid, fixed_params=fixed_params,
-        num_threads=num_threads, validation=validation,
+        num_threads=num_threads, validation=validation, validation_users=validation_users,
+        pruning=pruning,
     )
 
 
@@ -130,11 +162,94 @@ def tune_matrices(
     num_threads: int = 0,
     validation: SplitSpec | None = None,
     on_trial: Callable[[int, float], None] | None = None,
+    validation_users: int = 0,
+    deadline: float | None = None,
+    pruning: bool = False,
+    shared: SharedStudy | None = None,
 ) -> TuningResult:
     """The search itself, over (fit matrix, held-out matrix) pairs that never touch test.
 
     A snapshot carries its validation pair ready-made; ``tune`` builds them from a frame.
+    With ``validation_users``, each trial scores a seeded sample of that many users of each
+    held-out matrix (the fit matrices keep every user). ``n_trials`` is a cap: no trial
+    starts after ``deadline`` (wall-clock seconds since the epoch). With ``pruning``, ALS
+    and BPR trials report their validation score every few iterations and stop early when
+    hopeless (see PRUNING_STEPS). With ``shared``, the study lives in its storage and
+    other workers, asked by ``shared.spread``, draw trials from it at the same time.
     """
+    objective, users_scored, users_total = prepare_objective(
+        algorithm, matrices, seed=seed, k=k, metric=metric, search_space=search_space,
+        grid=grid, fixed_params=fixed_params, num_threads=num_threads,
+        validation_users=validation_users, pruning=pruning)
+    key = objective.key
+
+    if not objective.space and not grid:  # nothing to search (e.g. the popularity baseline)
+        started = time.perf_counter()
+        params = objective.params({})
+        value = objective.score(params)
+        seconds = time.perf_counter() - started
+        trials = pd.DataFrame([{"number": 0, "value": value, "duration_s": seconds,
+                                "state": "COMPLETE", "worker": worker_name()}])
+        return TuningResult(algorithm, key, params, value, trials, validation, users_scored,
+                            users_total, trials_run=1, seconds=seconds)
+
+    if grid:
+        if shared is not None:
+            raise ValueError("a grid search runs in one process; give a search space instead")
+        sampler: optuna.samplers.BaseSampler = _GridSampler(
+            {name: list(values) for name, values in grid.items()}, seed=seed
+        )
+        n_trials = int(np.prod([len(values) for values in grid.values()]))
+    else:
+        # With other workers drawing at once, TPE counts their running trials as bad
+        # ones (its "constant liar") instead of proposing the same point again.
+        sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=shared is not None)
+
+    started = time.perf_counter()
+    with quiet_optuna():
+        if shared is None:
+            study = optuna.create_study(direction="maximize", sampler=sampler,
+                                        pruner=make_pruner(objective.pruning))
+            run_trials(study, objective, n_trials, deadline=deadline, on_trial=on_trial)
+        else:
+            # A redelivered run carries the same name and carries on with the same study.
+            study = optuna.create_study(storage=shared.storage, study_name=shared.name,
+                                        direction="maximize", sampler=sampler,
+                                        pruner=make_pruner(objective.pruning),
+                                        load_if_exists=True)
+            shared.spread()
+            run_trials(study, objective, n_trials, deadline=deadline, lock=shared.lock,
+                       on_trial=on_trial)
+            wait_for_running_trials(study)
+    return search_result(study, objective, n_trials, validation, users_scored, users_total,
+                         time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class SharedStudy:
+    """A study in a shared storage that several processes draw trials from."""
+
+    name: str
+    storage: optuna.storages.BaseStorage
+    lock: Callable[[], AbstractContextManager[Any]] = nullcontext
+    spread: Callable[[], None] = lambda: None  # asks other workers to draw trials too
+
+
+def prepare_objective(
+    algorithm: str,
+    matrices: Sequence[tuple[sp.csr_matrix, sp.csr_matrix]],
+    *,
+    seed: int,
+    k: int = 10,
+    metric: str = "ndcg",
+    search_space: Mapping[str, Dimension] | None = None,
+    grid: Mapping[str, Sequence[Any]] | None = None,
+    fixed_params: Mapping[str, Any] | None = None,
+    num_threads: int = 0,
+    validation_users: int = 0,
+    pruning: bool = False,
+) -> tuple[TrialObjective, int, int]:
+    """The trial objective on the (sampled) validation pairs; users scored and users there."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
     spec = ALGORITHMS[algorithm]
@@ -142,62 +257,207 @@ def tune_matrices(
     space = dict(spec.search_space if search_space is None else search_space)
     fixed = dict(fixed_params or {})
     spec.resolve_params({**fixed, **dict.fromkeys(grid or space)})  # raises on unknown names
+    sampled = [sample_validation_users(holdout, validation_users, seed)
+               for _fit, holdout in matrices]
+    pairs = [(fit, holdout) for (fit, _), (holdout, _, _) in zip(matrices, sampled, strict=True)]
+    objective = TrialObjective(algorithm, pairs, key=key, k=k, seed=seed, space=space,
+                               grid=grid, fixed=fixed, num_threads=num_threads,
+                               pruning=pruning)
+    return objective, sum(s[1] for s in sampled), sum(s[2] for s in sampled)
 
-    def score(params: Mapping[str, Any]) -> float:
+
+def draw_trials(objective: TrialObjective, shared: SharedStudy, *, n_trials: int, seed: int,
+                deadline: float | None = None) -> int:
+    """Another worker's share of a shared search: trials until the study holds
+    ``n_trials`` or the deadline passes; returns how many this worker ran. ``seed`` must
+    differ between workers (the sampler's random start would repeat itself otherwise)."""
+    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    with quiet_optuna():
+        study = optuna.load_study(study_name=shared.name, storage=shared.storage,
+                                  sampler=sampler, pruner=make_pruner(objective.pruning))
+        return run_trials(study, objective, n_trials, deadline=deadline, lock=shared.lock)
+
+
+def wait_for_running_trials(study: optuna.Study, poll: float = 0.2) -> None:
+    """Wait for the trials other workers still run, as long as five times the longest
+    trial so far (at least a minute): one whose worker died is left out after that."""
+    def running() -> list[optuna.trial.FrozenTrial]:
+        return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+
+    longest = max((t.user_attrs.get("duration_s", 0.0) for t in study.get_trials(
+        deepcopy=False)), default=0.0)
+    give_up = time.monotonic() + max(60.0, 5 * longest)
+    while running() and time.monotonic() < give_up:
+        time.sleep(poll)
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """optuna's grid sampler, without its stop at the last cell: that works only inside
+    ``Study.optimize``, and ``run_trials`` stops at the grid's size anyway."""
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                    state: optuna.trial.TrialState, values: Sequence[float] | None) -> None:
+        return None
+
+
+def worker_name() -> str:
+    """Host and process recorded on each trial (a prefork pool's children differ)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class TrialObjective:
+    """One trial: draw parameters, fit on each validation pair, score its held-out users.
+
+    EASE keeps one factorisation of each fit matrix's Gram matrix for every l2 it is given.
+    """
+
+    def __init__(self, algorithm: str, matrices: Sequence[tuple[sp.csr_matrix, sp.csr_matrix]],
+                 *, key: str, k: int, seed: int, space: Mapping[str, Dimension],
+                 grid: Mapping[str, Sequence[Any]] | None, fixed: Mapping[str, Any],
+                 num_threads: int, pruning: bool = False) -> None:
+        self.algorithm, self.spec = algorithm, ALGORITHMS[algorithm]
+        self.matrices, self.key, self.k, self.seed = list(matrices), key, k, seed
+        self.space, self.grid, self.fixed = space, grid, dict(fixed)
+        self.num_threads = num_threads
+        # Intermediate scores need one validation pair: a fold's partial fit says nothing
+        # of the other folds'.
+        self.pruning = pruning and algorithm in PRUNING_STEPS and len(self.matrices) == 1
+        self._ease_paths: dict[int, tuple[str, EaseLambdaPath]] = {}  # per fit matrix
+
+    def draw(self, trial: optuna.Trial) -> dict[str, Any]:
+        if self.grid:
+            return {name: trial.suggest_categorical(name, list(values))
+                    for name, values in self.grid.items()}
+        return suggest_params(trial, self.space)
+
+    def params(self, drawn: Mapping[str, Any]) -> dict[str, Any]:
+        return self.spec.resolve_params({**self.fixed, **drawn})
+
+    def model(self, position: int, fit_matrix: sp.csr_matrix, params: Mapping[str, Any],
+              trial: optuna.Trial | None = None) -> Recommender:
+        if self.algorithm != "ease":
+            hook = self._pruning_hook(trial, position, int(params["iterations"])) if (
+                self.pruning and trial is not None) else None
+            return fit_algorithm(self.algorithm, fit_matrix, params, self.seed,
+                                 self.num_threads, on_iteration=hook)
+        rest = repr(sorted((name, value) for name, value in params.items() if name != "l2"))
+        if position not in self._ease_paths or self._ease_paths[position][0] != rest:
+            path = EaseLambdaPath(fit_matrix, params, self.num_threads)
+            self._ease_paths[position] = (rest, path)
+        return self._ease_paths[position][1].model(float(params["l2"]))
+
+    def _pruning_hook(self, trial: optuna.Trial, position: int, iterations: int
+                      ) -> IterationCallback:
+        """Every few iterations, the validation score of the model so far goes to the
+        pruner, which stops the fit when the trial cannot catch up."""
+        fit_matrix, holdout = self.matrices[position]
+        step = PRUNING_STEPS[self.algorithm]
+
+        def report(iteration: int, current: Callable[[], Recommender]) -> None:
+            if iteration % step or iteration >= iterations:  # the last one is the result
+                return
+            value = evaluate_model(current(), fit_matrix, holdout, (self.k,))[self.key]
+            trial.report(value, iteration)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"{self.key} {value:.4f} at iteration {iteration}")
+
+        return report
+
+    def score(self, params: Mapping[str, Any], trial: optuna.Trial | None = None) -> float:
         values = []
-        for fit_matrix, holdout in matrices:
-            model = fit_algorithm(algorithm, fit_matrix, params, seed, num_threads)
-            values.append(evaluate_model(model, fit_matrix, holdout, (k,))[key])
+        for position, (fit_matrix, holdout) in enumerate(self.matrices):
+            model = self.model(position, fit_matrix, params, trial)
+            values.append(evaluate_model(model, fit_matrix, holdout, (self.k,))[self.key])
         return float(np.mean(values))
 
-    if not space and not grid:  # nothing to search (e.g. the popularity baseline)
-        params = spec.resolve_params(fixed)
-        value = score(params)
-        trials = pd.DataFrame([{"number": 0, "value": value, "duration_s": 0.0}])
-        return TuningResult(algorithm, key, params, value, trials, validation)
+    def __call__(self, trial: optuna.Trial) -> float:
+        return self.score(self.params(self.draw(trial)), trial)
 
-    if grid:
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.GridSampler(
-            {name: list(values) for name, values in grid.items()}, seed=seed
-        )
-        n_trials = int(np.prod([len(values) for values in grid.values()]))
-    else:
-        sampler = optuna.samplers.TPESampler(seed=seed)
 
-    rows: list[dict[str, Any]] = []
+# Iterations between the intermediate scores a pruned search reports, per iterative fit.
+PRUNING_STEPS = {"als": 5, "bpr": 25}
+# A trial is pruned when its intermediate score falls below the median of the completed
+# trials' at the same iteration, once five trials have completed. The rule draws no random
+# numbers, so a pruned search stays as reproducible as its seeded sampler.
+PRUNER_STARTUP_TRIALS = 5
 
-    def objective(trial: optuna.Trial) -> float:
+
+def make_pruner(pruning: bool) -> optuna.pruners.BasePruner:
+    """The median rule when pruning, else none."""
+    if not pruning:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS,
+                                       n_warmup_steps=0)
+
+
+def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int,
+               *, deadline: float | None = None,
+               lock: Callable[[], AbstractContextManager[Any]] = nullcontext,
+               on_trial: Callable[[int, float], None] | None = None) -> int:
+    """Run trials until the study holds ``n_trials`` (in any state) or the wall clock passes
+    ``deadline`` (a trial under way finishes); returns how many this call ran.
+
+    ``lock`` makes counting and starting a trial atomic among processes sharing the study.
+    """
+    ran = 0
+    while deadline is None or time.time() < deadline:
+        with lock():
+            if len(study.get_trials(deepcopy=False)) >= n_trials:
+                break
+            trial = study.ask()
         started = time.perf_counter()
-        drawn = (
-            {name: trial.suggest_categorical(name, list(values)) for name, values in grid.items()}
-            if grid
-            else suggest_params(trial, space)
-        )
-        value = score(spec.resolve_params({**fixed, **drawn}))
-        if on_trial is not None:
-            on_trial(trial.number, value)
-        rows.append(
-            {
-                "number": trial.number,
-                **drawn,
-                "value": value,
-                "duration_s": time.perf_counter() - started,
-            }
-        )
-        return value
+        trial.set_user_attr("worker", worker_name())
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            trial.set_user_attr("duration_s", time.perf_counter() - started)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        except BaseException:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        else:
+            trial.set_user_attr("duration_s", time.perf_counter() - started)
+            study.tell(trial, value)
+            if on_trial is not None:
+                on_trial(trial.number, value)
+        ran += 1
+    return ran
 
+
+def search_result(study: optuna.Study, objective: TrialObjective, n_trials: int,
+                  validation: SplitSpec | None, users_scored: int, users_total: int,
+                  seconds: float) -> TuningResult:
+    """The study's best trial (the defaults when no trial completed) and every trial."""
+    trials = [t for t in study.get_trials(deepcopy=False)
+              if t.state != optuna.trial.TrialState.RUNNING]
+    rows = [{"number": t.number, **t.params, "value": t.value,
+             "duration_s": t.user_attrs.get("duration_s", 0.0), "state": t.state.name,
+             "worker": t.user_attrs.get("worker", "")} for t in trials]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if complete:
+        best_trial = max(complete, key=lambda t: (t.value, -t.number))
+        best, score = objective.params(best_trial.params), float(best_trial.value)
+    else:  # the budget ended before any trial did: the frozen defaults stand
+        best, score = objective.params({}), None
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
+    return TuningResult(
+        objective.algorithm, objective.key, best, score, pd.DataFrame(rows), validation,
+        users_scored, users_total, trials_run=len(trials),
+        trials_cut=max(n_trials - len(trials), 0), trials_pruned=pruned, seconds=seconds,
+        study=study.study_name,
+    )
+
+
+@contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """One INFO line per trial is noise in workers."""
     optuna_logger = logging.getLogger("optuna")
     previous_level = optuna_logger.level
-    optuna_logger.setLevel(logging.WARNING)  # one INFO line per trial is noise in workers
+    optuna_logger.setLevel(logging.WARNING)
     try:
-        study = optuna.create_study(direction="maximize", sampler=sampler)
-        study.optimize(objective, n_trials=n_trials, n_jobs=1)
+        yield
     finally:
         optuna_logger.setLevel(previous_level)
-    best = spec.resolve_params({**fixed, **study.best_trial.params})
-    return TuningResult(
-        algorithm, key, best, float(study.best_value), pd.DataFrame(rows), validation
-    )
 
 
 def cross_validate(

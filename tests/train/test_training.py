@@ -44,3 +44,13 @@ def test_default_list_skips_ease_above_its_cap(snapshot: dict, monkeypatch: pyte
 def test_default_list_keeps_dense_ease_under_its_cap(snapshot: dict) -> None:
     trained = [t["algorithm"] for t in train_many(snapshot, None, tune=False)]
     assert "ease" in trained and "sparse_ease" not in trained
+
+
+def test_tuning_reports_the_validation_users_it_scored(snapshot: dict, use_settings) -> None:  # type: ignore[no-untyped-def]
+    use_settings(TUNE_VALIDATION_USERS="10")
+    (tuned,) = train_many(snapshot, ["ease"], tune=True, n_trials=2)
+    assert tuned["tuning"]["validation_users"] == 10
+    assert tuned["tuning"]["validation_users_total"] == 30
+    use_settings(TUNE_VALIDATION_USERS="0")
+    (tuned,) = train_many(snapshot, ["ease"], tune=True, n_trials=2)
+    assert tuned["tuning"]["validation_users"] == tuned["tuning"]["validation_users_total"] == 30

@@ -8,6 +8,7 @@ import pytest
 
 import services.train.tuning as tuning
 from services.train.algorithms import Dimension
+from services.train.ease_path import EaseLambdaPath
 from services.train.tuning import cross_validate, split_matrices, tune
 from shared.recommenders import evaluate_model
 from shared.splits import random_split
@@ -101,3 +102,54 @@ def test_cross_validation_reports_mean_and_spread(interactions: pd.DataFrame) ->
     assert result.std == pytest.approx(np.std(result.fold_scores, ddof=1))
     cv_tuned = tune("ease", interactions, n_trials=2, cv_folds=3, seed=4)
     assert cv_tuned.validation is None and len(cv_tuned.trials) == 2
+
+
+def test_ease_search_reuses_one_factorisation_with_the_same_scores(
+    interactions: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    split = random_split(interactions, 0.75, seed=1)
+    fit_matrix, holdout = split_matrices(split, interactions)
+    params = tuning.ALGORITHMS["ease"].resolve_params({"weighting": "bm25"})
+    path = EaseLambdaPath(fit_matrix, params, num_threads=1)
+    users = np.arange(fit_matrix.shape[0])
+    for l2 in (0.5, 12.0, 4000.0):
+        fitted = tuning.fit_algorithm("ease", fit_matrix, {**params, "l2": l2})
+        np.testing.assert_allclose(path.model(l2).score(users, fit_matrix[users]),
+                                   fitted.score(users, fit_matrix[users]), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(path.model(l2).similar_items(3, 5)[1],
+                                   fitted.similar_items(3, 5)[1], rtol=1e-4)
+    with pytest.raises(ValueError, match="l2 must be positive"):
+        path.model(-1e9)
+
+    factorised: list[int] = []
+    original = tuning.EaseLambdaPath
+    monkeypatch.setattr(tuning, "EaseLambdaPath",
+                        lambda *args: factorised.append(1) or original(*args))
+    result = tune("ease", split.train, n_trials=6, seed=3, like=split.spec, num_threads=1)
+    assert len(factorised) == 1 and len(result.trials) == 6
+    validation = split_matrices(tuning.validation_split(split.train, split.spec), split.train)
+    for row in result.trials.itertuples():  # every trial's value is that of a full EASE fit
+        model = tuning.fit_algorithm("ease", validation[0], {"l2": row.l2})
+        assert row.value == pytest.approx(
+            evaluate_model(model, *validation, (10,))["ndcg@10"], abs=1e-9)
+
+
+def test_trials_score_a_seeded_sample_of_validation_users(interactions: pd.DataFrame) -> None:
+    split = random_split(interactions, 0.75, seed=1)
+    _fit, holdout = split_matrices(split, interactions)
+    sampled, used, total = tuning.sample_validation_users(holdout, 20, seed=5)
+    again, _, _ = tuning.sample_validation_users(holdout, 20, seed=5)
+    kept = np.flatnonzero(np.diff(sampled.indptr))
+    assert (used, total) == (20, 60) and kept.size == 20
+    np.testing.assert_array_equal(kept, np.flatnonzero(np.diff(again.indptr)))
+    assert (sampled[kept] != holdout[kept]).nnz == 0  # the sampled users keep every item
+    assert tuning.sample_validation_users(holdout, 0, seed=5)[1:] == (60, 60)
+    assert tuning.sample_validation_users(holdout, 500, seed=5)[1:] == (60, 60)
+    with pytest.raises(ValueError, match="validation users must be 0"):
+        tuning.sample_validation_users(holdout, -1, seed=5)
+
+    full = tune("ease", split.train, n_trials=3, seed=3, like=split.spec)
+    assert (full.validation_users, full.validation_users_total) == (60, 60)
+    part = tune("ease", split.train, n_trials=3, seed=3, like=split.spec, validation_users=25)
+    assert (part.validation_users, part.validation_users_total) == (25, 60)
+    assert not np.allclose(part.trials["value"], full.trials["value"])

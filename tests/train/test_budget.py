@@ -1,0 +1,127 @@
+"""A tuning budget in seconds: trial counts are caps, the budget is shared in order."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from services.train.training import TrainingError, train_many, trial_cap
+from services.train.tuning import split_matrices, tune, tune_matrices
+from shared.artifacts import csr_to_arrays, write_artifact
+from shared.splits import random_split, validation_split
+
+
+@pytest.fixture
+def snapshot(use_settings, tmp_path: Path) -> dict:  # type: ignore[no-untyped-def]
+    use_settings(MODEL_PATH=str(tmp_path / "models"))
+    rng = np.random.default_rng(3)
+    taste = np.where(np.arange(80)[:, None] < 40, np.arange(40) < 20, np.arange(40) >= 20)
+    liked = rng.random((80, 40)) < np.where(taste, 0.6, 0.1)
+    seen = liked & (rng.random((80, 40)) < 0.7)  # the rest of what they like is held out
+    matrix = sp.csr_matrix(seen.astype(np.float32) * 4.0)
+    held = sp.csr_matrix((liked & ~seen).astype(np.float32) * 4.0)
+    arrays = {"user_ids": np.arange(1, 81), "item_ids": np.arange(1, 41)}
+    for name, part in (("train", matrix), ("validation_train", matrix),
+                       ("validation_test", held), ("test", held)):
+        arrays.update(csr_to_arrays(name, part))
+    ref = write_artifact("snapshots", arrays, {"kind": "snapshot"})
+    return {"snapshot_id": "s", "artifact_path": ref.path, "sha256": ref.sha256}
+
+
+@pytest.fixture(scope="module")
+def train() -> pd.DataFrame:
+    rng = np.random.default_rng(8)
+    rows = [(user, item, 4, 0) for user in range(50) for item in range(30)
+            if rng.random() < (0.5 if (item < 15) == (user < 25) else 0.1)]
+    frame = pd.DataFrame(rows, columns=["user_id", "movie_id", "rating", "rated_at"])
+    return random_split(frame, 0.75, seed=1).train
+
+
+def test_a_spent_budget_keeps_the_defaults_and_says_what_was_cut(train: pd.DataFrame) -> None:
+    pair = split_matrices(validation_split(train), train)
+    cut = tune_matrices("itemknn_bm25", [pair], n_trials=5, seed=2, deadline=time.time() - 1)
+    assert (cut.trials_run, cut.trials_cut, cut.best_score) == (0, 5, None)
+    assert cut.best_params["neighbours"] == 204  # the frozen default
+    whole = tune_matrices("itemknn_bm25", [pair], n_trials=5, seed=2, deadline=time.time() + 3600)
+    assert (whole.trials_run, whole.trials_cut) == (5, 0)
+    assert whole.best_score == pytest.approx(whole.trials["value"].max())
+
+
+def test_a_budget_counted_in_trials_reproduces_a_prefix_of_the_search(train: pd.DataFrame
+                                                                      ) -> None:
+    """Trials are drawn one after another from a seeded sampler, so a search stopped after
+    n trials (by the clock or by the cap) has run the first n trials of the longer one."""
+    long = tune("als", train, n_trials=6, seed=4, num_threads=1)
+    short = tune("als", train, n_trials=3, seed=4, num_threads=1)
+    columns = ["number", "factors", "regularization", "alpha", "weighting", "value"]
+    pd.testing.assert_frame_equal(short.trials[columns], long.trials[columns].iloc[:3])
+
+
+def test_the_budget_is_shared_by_trial_caps_and_passed_on(snapshot: dict) -> None:
+    names = ["popular", "itemknn_cosine", "itemknn_bm25", "ease"]
+    budget = 1000.0
+    trained = train_many(snapshot, names, n_trials=4, tune_budget=budget)
+    tuning = {t["algorithm"]: t["tuning"] for t in trained}
+    assert tuning["popular"]["allowance_seconds"] is None  # nothing to search, not budgeted
+    assert tuning["itemknn_cosine"]["allowance_seconds"] == pytest.approx(budget / 3, abs=1e-3)
+    spent = tuning["itemknn_cosine"]["seconds"]
+    assert tuning["itemknn_bm25"]["allowance_seconds"] == pytest.approx(
+        (budget - spent) / 2, abs=2e-3)
+    spent += tuning["itemknn_bm25"]["seconds"]
+    assert tuning["ease"]["allowance_seconds"] == pytest.approx(budget - spent, abs=3e-3)
+    for name in names[1:]:
+        assert (tuning[name]["trials_run"], tuning[name]["trials_cut"]) == (4, 0)
+    # With the budget ample, the run is the unbudgeted one.
+    plain = train_many(snapshot, names, n_trials=4)
+    assert [t["params"] for t in plain] == [t["params"] for t in trained]
+    assert trial_cap("popular") == 0 and trial_cap("als") == 30 and trial_cap("als", 7) == 7
+
+
+def test_an_exhausted_budget_fits_the_defaults_and_the_run_goes_on(snapshot: dict,
+                                                                   use_settings) -> None:  # type: ignore[no-untyped-def]
+    use_settings(TUNE_BUDGET_SECONDS="1e-9")
+    trained = train_many(snapshot, ["itemknn_cosine", "ease"], n_trials=4)
+    for model in trained:  # at most the first trial can start within a nanosecond
+        assert model["tuning"]["trials_run"] + model["tuning"]["trials_cut"] == 4
+        assert model["tuning"]["trials_cut"] >= 3
+        assert model["artifact_path"]
+    assert trained[1]["tuning"]["trials_run"] == 0 and trained[1]["validation"] == {}
+    assert trained[1]["params"]["l2"] == 412.8
+    with pytest.raises(TrainingError, match="tuning budget must be positive"):
+        train_many(snapshot, ["ease"], tune_budget=-1.0)
+
+
+@pytest.mark.parametrize("algorithm", ["als", "bpr"])
+def test_pruning_stops_hopeless_trials_reproducibly(train: pd.DataFrame, algorithm: str) -> None:
+    pruned = tune(algorithm, train, n_trials=14, seed=6, num_threads=1, pruning=True)
+    again = tune(algorithm, train, n_trials=14, seed=6, num_threads=1, pruning=True)
+    plain = tune(algorithm, train, n_trials=14, seed=6, num_threads=1)
+    states = pruned.trials["state"]
+    assert pruned.trials_pruned == (states == "PRUNED").sum() > 0
+    assert (states.iloc[:5] == "COMPLETE").all()  # the median rule waits for five trials
+    assert plain.trials_pruned == 0 and (plain.trials["state"] == "COMPLETE").all()
+    pd.testing.assert_frame_equal(pruned.trials.drop(columns="duration_s"),
+                                  again.trials.drop(columns="duration_s"))
+    complete = pruned.trials[states == "COMPLETE"]
+    assert pruned.best_score == complete["value"].max()
+    # Up to the first pruned trial the searches agree: pruning changes nothing it keeps.
+    first = int(np.flatnonzero(states == "PRUNED")[0])
+    assert pruned.trials["value"].iloc[:first].tolist() == plain.trials["value"].iloc[
+        :first].tolist()
+
+
+def test_pruning_waits_for_data_large_enough(snapshot: dict, use_settings) -> None:  # type: ignore[no-untyped-def]
+    (small,) = train_many(snapshot, ["als"], n_trials=12)
+    assert small["tuning"]["trials_pruned"] == 0  # 80 x 40 is far below the threshold
+    use_settings(TUNE_PRUNING_MIN_INTERACTIONS="0")
+    (forced,) = train_many(snapshot, ["als"], n_trials=12)
+    assert forced["tuning"]["trials_pruned"] > 0
+    assert forced["tuning"]["trials_run"] == 12
+    use_settings(TUNE_PRUNING_MIN_INTERACTIONS="0", TUNE_PRUNING="false")
+    (off,) = train_many(snapshot, ["als"], n_trials=12)
+    assert off["tuning"]["trials_pruned"] == 0 and off["params"] == small["params"]
