@@ -180,7 +180,7 @@ def measure_loop(args: argparse.Namespace, broker_url: str, workdir: Path) -> di
                 bound.purge()
         wait_until(lambda: not port_open(8000), 300, "port 8000 (serve) to be free")
         state = workdir / "stack"
-        up(None, state_dir=state, env=env)
+        up(None, state_dir=state, env=env, without=("bootstrap",))
         try:
             wanted = {q.value for q in ServiceQueue}
             wait_until(lambda: wanted <= {node.split("@")[0] for reply in

@@ -94,7 +94,7 @@ def run_once(label: str, dataset: Any, args: argparse.Namespace, broker_url: str
     from shared.celery_app import ServiceQueue, app, purge_queues
     from shared.db import migrate
     from shared.pipeline import build_chain, select_stages
-    from shared.stack import app_services, down, up
+    from shared.stack import down, up
 
     options = {"source": str(dataset.root), **RUNS[label]}
     with scratch_database(args.database_url, f"pipeline_{label}") as url:
@@ -113,9 +113,8 @@ def run_once(label: str, dataset: Any, args: argparse.Namespace, broker_url: str
         purge_queues()
         wait_until(lambda: not port_open(8000), 300, "port 8000 (serve) to be free")
         state = workdir / label / "stack"
-        wanted = [name for name in app_services(env={**os.environ, **env})
-                  if name != "bootstrap"]  # the benchmark runs the pipeline itself
-        records = up(wanted, state_dir=state, env=env)
+        # The benchmark runs the pipeline itself: no bootstrap.
+        records = up(None, state_dir=state, env=env, without=("bootstrap",))
         try:
             sessions = {r["name"]: int(r["pid"]) for r in records if r.get("pid")
                         and r.get("state") == "started"}

@@ -504,14 +504,16 @@ def _status_of(record: dict[str, Any]) -> dict[str, Any]:
 
 def up(services: list[str] | None = None, state_dir: Path | None = None,
        env: dict[str, str] | None = None, *, compose_file: Path | None = None,
-       one_shot_timeout: float = 600.0, settle: float = 2.0) -> list[dict[str, Any]]:
+       one_shot_timeout: float = 600.0, settle: float = 2.0,
+       without: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Start the app services (all, or these and their dependencies) as local processes:
-    one-shots run to completion in dependency order, the rest start detached."""
+    one-shots run to completion in dependency order, the rest start detached. `without`
+    leaves services out of "all" (a caller that runs the pipeline itself skips bootstrap)."""
     caller = {**os.environ, **(env or {})}
     file = compose_path(compose_file)
     all_services = compose_services(file, caller)
     apps = app_services(services=all_services)
-    wanted = list(services or apps)
+    wanted = list(services or [name for name in apps if name not in without])
     unknown = [name for name in wanted if name not in all_services]
     if unknown:
         raise StackError(f"no service {', '.join(unknown)} in {file}; services are "

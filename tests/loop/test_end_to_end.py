@@ -61,7 +61,7 @@ def loop_stack(pg_url: str, broker_url: str, redis_url: str, use_settings,  # ty
     wait_for(lambda: not port_open(8000), timeout=300,
              what="port 8000 (serve) to be free of another run's serve")
     state = tmp_path / "stack"
-    started = up(None, state_dir=state, env=env)
+    started = up(None, state_dir=state, env=env, without=("bootstrap",))
     assert SERVICES <= {row["name"] for row in started}
     wanted = {q.value for q in ServiceQueue}
 

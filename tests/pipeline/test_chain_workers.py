@@ -30,7 +30,7 @@ def stack(pg_url: str, broker_url: str, redis_url: str, use_settings,  # type: i
     use_settings(**env)
     purge_service_queues()
     state = tmp_path / "stack"
-    up(None, state_dir=state, env=env)
+    up(None, state_dir=state, env=env, without=("bootstrap",))
     wanted = {q.value for q in ServiceQueue}
 
     def answering() -> bool:
