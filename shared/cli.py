@@ -378,6 +378,7 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
 
 def _register_more_commands() -> None:
     """The registry, stack and loop commands live in their own modules."""
+    import shared.cli_batch  # noqa: F401  (registers recommend)
     import shared.cli_models  # noqa: F401  (registers models, eval, report)
     import shared.cli_stack  # noqa: F401  (registers stack)
     from shared.cli_loop import ab_app, beat_command, policy_command

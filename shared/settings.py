@@ -263,6 +263,12 @@ class EvaluationSettings(BaseSettings):
         "confidence intervals (0: every test user)."
     )
 
+    batch_chunk_users: int = Field(
+        10_000, ge=1, le=1_000_000, description="Users per chunk of `recsys recommend` and "
+        "eval.recommend_batch: each chunk is read, scored and written as one part file, the "
+        "unit a rerun resumes from."
+    )
+
     feedback_implicit_rating: float = Field(
         4.0, ge=0.5, le=5.0, description="Stars a click or watch counts for when feedback "
         "joins the ratings in a snapshot.",

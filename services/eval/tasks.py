@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.eval.batch import recommend_batch
 from services.eval.offline import EvaluationError, evaluate_versions
 from services.eval.online import compute_online
 from services.eval.policy import release_lock
 from services.eval.versions import evaluate_version
 from shared.artifacts import ArtifactError
 from shared.celery_app import service_task
+from shared.settings import get_settings
 
 
 @service_task("eval.offline")
@@ -41,3 +43,19 @@ def release(self: Any, holder: str) -> dict[str, Any]:
     """The retrain chain's last link and every link's error callback: give the retrain lock
     back, so the next retrain (API, policy or pipeline) may start."""
     return {"holder": holder, "released": release_lock(holder)}
+
+
+@service_task("eval.recommend_batch")
+def batch(self: Any, users: str | list[int] = "all", k: int = 10, model: str = "latest",
+          exclude_seen: bool = True, genres: list[str] | None = None,
+          output: str | None = None) -> dict[str, Any]:
+    """Every asked user's top k written to `output` (by default the artifact store's
+    `batches/<task id>.parquet`); a redelivered task resumes from its written chunks."""
+    if output is None:
+        output = str(get_settings().model_path / "batches" / f"{self.request.id}.parquet")
+
+    def report(done: int, total: int) -> None:
+        if not self.request.called_directly and self.request.id:
+            self.update_state(state="PROGRESS", meta={"users_done": done, "users": total})
+
+    return recommend_batch(users, k, output, model, exclude_seen, genres, progress=report)

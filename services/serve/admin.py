@@ -18,7 +18,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from services.serve.models import MODEL_NAME
-from services.serve.schemas import AliasMove, ModelInfo, RetrainIn, RetrainQueued
+from services.serve.schemas import (
+    AliasMove,
+    BatchIn,
+    BatchQueued,
+    BatchStatus,
+    ModelInfo,
+    RetrainIn,
+    RetrainQueued,
+)
 from shared.celery_app import app, run_task
 from shared.db import ModelAlias, ModelVersion
 from shared.errors import RecsysError
@@ -139,3 +147,48 @@ def enqueue_retrain(options: RetrainIn) -> RetrainQueued:
     except INFRA_ERRORS as error:
         raise Unavailable(f"the retrain chain could not be queued: {error}") from None
     return RetrainQueued(task_id=locked.task_id, stages=stages, status="queued")
+
+
+BATCH_TASK = "eval.recommend_batch"
+_embedded_batches: dict[str, Any] = {}  # embedded mode: task id -> its in-process result
+
+
+def enqueue_batch(options: BatchIn) -> BatchQueued:
+    """Queue eval.recommend_batch by name (in a thread of this process when embedded)."""
+    kwargs = options.model_dump()
+    if app.conf.task_always_eager:
+        import uuid
+
+        from shared.celery_app import ServiceQueue, import_tasks
+
+        import_tasks(ServiceQueue.EVAL)
+        task_id = uuid.uuid4().hex
+
+        def run() -> None:
+            _embedded_batches[task_id] = app.tasks[BATCH_TASK].apply(kwargs=kwargs,
+                                                                     task_id=task_id)
+
+        threading.Thread(target=run, name="serve-batch", daemon=True).start()
+        return BatchQueued(task_id=task_id, status="queued")
+    try:
+        result = app.send_task(BATCH_TASK, kwargs=kwargs, queue="eval")
+    except INFRA_ERRORS as error:
+        raise Unavailable(f"{BATCH_TASK} could not be queued: {error}") from None
+    return BatchQueued(task_id=result.id, status="queued")
+
+
+def batch_status(task_id: str) -> BatchStatus:
+    """The state of a queued batch and, once written, its file and summary."""
+    result = _embedded_batches.get(task_id) or app.AsyncResult(task_id)
+    try:
+        state, info = result.state, result.info
+    except INFRA_ERRORS as error:
+        raise Unavailable(f"the result backend could not be read: {error}") from None
+    status = BatchStatus(task_id=task_id, state=state)
+    if state == "SUCCESS" and isinstance(info, dict):
+        status.summary, status.output = info, info.get("output")
+    elif state == "FAILURE":
+        status.error = f"{type(info).__name__}: {info}"
+    elif state == "PROGRESS" and isinstance(info, dict):
+        status.progress = {key: int(value) for key, value in info.items()}
+    return status

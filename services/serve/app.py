@@ -43,6 +43,9 @@ from services.serve.schemas import (
     MAX_K,
     MAX_OFFSET,
     AliasMove,
+    BatchIn,
+    BatchQueued,
+    BatchStatus,
     FeedbackAccepted,
     FeedbackBatch,
     FeedbackRefused,
@@ -235,6 +238,21 @@ def retrain(body: Annotated[RetrainIn | None, Body()] = None) -> RetrainQueued:
     """Queue transform -> train -> register -> evaluate -> promote on the workers, one
     retrain at a time: 409 naming the running one while it lasts."""
     return admin.enqueue_retrain(body or RetrainIn())
+
+
+@admin_router.post("/recommendations/batch", status_code=202, response_model=BatchQueued,
+                   responses={**TOO_LARGE, 503: {"model": Problem}})
+def recommendations_batch(body: Annotated[BatchIn | None, Body()] = None) -> BatchQueued:
+    """Queue every asked user's top k into a file (eval.recommend_batch on the eval worker)."""
+    return admin.enqueue_batch(body or BatchIn())
+
+
+@admin_router.get("/recommendations/batch/{task_id}", response_model=BatchStatus,
+                  responses={503: {"model": Problem}})
+def recommendations_batch_status(task_id: Annotated[str, Path(
+        pattern=r"^[A-Za-z0-9-]{1,64}$")]) -> BatchStatus:
+    """A queued batch's state; when done, where the file is and its summary."""
+    return admin.batch_status(task_id)
 
 
 @router.get("/healthz", response_model=Health, tags=["operations"])

@@ -303,3 +303,42 @@ class OnlineMetrics(BaseModel):
     """The newest online windows, newest first (empty before eval.online has run)."""
 
     windows: list[OnlineWindow]
+
+
+BatchUserId = Annotated[int, Field(ge=1, le=MAX_ID)]
+
+
+class BatchIn(BaseModel):
+    """What `POST /recommendations/batch` queues on the eval worker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    users: Literal["all"] | list[BatchUserId] = Field(
+        "all", description="'all' (every user the model knows and every user with "
+        "interactions), or a list of user ids.")
+    k: int = Field(10, ge=1, le=MAX_K, description="Items per user.")
+    model: str = Field("latest", pattern=r"^([0-9]{1,9}|latest|challenger)$",
+                       description="A version number, 'latest' (the champion) or 'challenger'.")
+    exclude_seen: bool = Field(True, description="Leave out what each user rated or gave "
+                               "feedback on, as the lists of GET /recommendations do.")
+    genres: list[str] = Field(default_factory=list, max_length=50,
+                              description="Keep items of any of these genres.")
+    output: str | None = Field(None, max_length=1000, pattern=r"(?i)\.(parquet|csv|jsonl)$",
+                               description="File the eval worker writes (.parquet, .csv or "
+                               ".jsonl); by default MODEL_PATH/batches/<task id>.parquet.")
+
+
+class BatchQueued(BaseModel):
+    task_id: str
+    status: Literal["queued"]
+
+
+class BatchStatus(BaseModel):
+    task_id: str
+    state: str = Field(description="PENDING (queued, or an id never issued), STARTED, "
+                       "PROGRESS, SUCCESS or FAILURE.")
+    output: str | None = Field(None, description="Where the file is, once written.")
+    summary: dict[str, Any] | None = Field(None, description="users, rows, output, "
+                                           "model_version, seconds, resumed_chunks, ...")
+    progress: dict[str, int] | None = None
+    error: str | None = None

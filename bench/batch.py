@@ -1,0 +1,172 @@
+"""Batch recommendations at MovieLens-25M size: every user of a 64-factor model.
+
+Builds a generated snapshot (162,541 users x 59,047 items, 25,000,095 interactions, the
+train split of bench/evaluate.py's generator) and a 64-factor ALS model of the same shape,
+registered and promoted in an embedded registry (SQLite under a scratch DATA_PATH), then in
+a fresh process each:
+- `recsys recommend`'s domain function over `--users all`, top-10 to Parquet (history
+  reads, seen-item masking, ranking as serve ranks, part files, manifest, the combine);
+- the bare part: numpy top-10 of every user from the same factors, train items masked, in
+  blocks of the same size.
+Prints each stage's wall time and peak RSS (VmHWM), then one JSON object as its last line:
+{"users", "rows", "seconds", "bare_seconds", "ratio", "peak_rss_mb"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.evaluate import generate, peak_rss_mb  # noqa: E402
+
+FACTORS = 64
+K = 10
+GENRES = ("Action", "Comedy", "Drama", "Romance", "Thriller")
+
+
+def environment(workdir: Path) -> dict[str, str]:
+    """Embedded settings in the scratch directory: no servers are involved."""
+    return {"DATA_PATH": str(workdir / "data"), "MODEL_PATH": str(workdir / "models"),
+            "DATABASE_URL": "", "BROKER_URL": "", "REDIS_URL": ""}
+
+
+def build(workdir: Path, users: int, items: int, rows: int, seed: int) -> dict[str, str]:
+    """The snapshot and model artifacts, registered, the model promoted to champion."""
+    os.environ.update(environment(workdir))
+    from services.registry import registry
+    from shared.artifacts import csr_to_arrays, write_artifact
+    from shared.db import Snapshot, migrate, session_scope
+    from shared.features import Weighting
+    from shared.recommenders import FactorModel
+
+    migrate()
+    train, _ = generate(users, items, rows, seed)
+    rng = np.random.default_rng(seed + 1)
+    arrays = {"user_ids": np.arange(1, users + 1, dtype=np.int64),
+              "item_ids": np.arange(1, items + 1, dtype=np.int64),
+              "genre_names": np.array(GENRES, dtype=np.str_),
+              "item_genres": rng.random((items, len(GENRES))) < 0.2,
+              "item_train_count": np.diff(train.tocsc().indptr).astype(np.int64),
+              **csr_to_arrays("train", train)}
+    snapshot = write_artifact("snapshots", arrays, {"kind": "snapshot", "synthetic": True})
+    snapshot_id = f"bench-batch-{snapshot.sha256[:16]}"
+    with session_scope() as session:
+        session.add(Snapshot(id=snapshot_id, ratings_fingerprint=snapshot.sha256,
+                             protocol="random", params={"synthetic": True},
+                             counts={"users": users, "items": items, "train": int(train.nnz)},
+                             artifact_path=snapshot.path, sha256=snapshot.sha256))
+    scale = 1.0 / np.sqrt(FACTORS)
+    model = FactorModel("als", Weighting(),
+                        (rng.standard_normal((users, FACTORS)) * scale).astype(np.float32),
+                        (rng.standard_normal((items, FACTORS)) * scale).astype(np.float32),
+                        0.01, 1.0)
+    artifact = write_artifact("models", {**model.to_arrays(), "user_ids": arrays["user_ids"],
+                                         "item_ids": arrays["item_ids"]}, {"kind": "model"})
+    version = registry.register(snapshot_id, "als", {"synthetic": True}, artifact.path,
+                                artifact.sha256)["version"]
+    registry.promote(version, reason="batch benchmark")
+    return {"snapshot": snapshot.path, "snapshot_sha": snapshot.sha256,
+            "model": artifact.path, "model_sha": artifact.sha256, "nnz": str(train.nnz)}
+
+
+def stage(mode: str, refs: dict[str, str], workdir: Path) -> dict[str, float]:
+    """One measurement, in this (fresh) process."""
+    from services.eval.batch import recommend_batch
+    from shared.artifacts import arrays_to_csr, read_artifact
+
+    started = time.perf_counter()
+    result: dict[str, float] = {}
+    if mode == "bare":
+        model, _ = read_artifact(refs["model"], refs["model_sha"])
+        snapshot, _ = read_artifact(refs["snapshot"], refs["snapshot_sha"])
+        user_factors, item_factors = model["user_factors"], model["item_factors"]
+        train = arrays_to_csr("train", snapshot)
+        block = max(1, (1 << 24) // item_factors.shape[0])
+        for start in range(0, user_factors.shape[0], block):
+            chunk = np.arange(start, min(start + block, user_factors.shape[0]))
+            scores = user_factors[chunk] @ item_factors.T
+            seen = train[chunk]
+            scores[np.repeat(np.arange(chunk.size), np.diff(seen.indptr)), seen.indices] = -np.inf
+            top = np.argpartition(-scores, K - 1, axis=1)[:, :K]
+            np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1),
+                                               axis=1), axis=1)
+        result["rows"] = float(user_factors.shape[0] * K)
+    else:
+        summary = recommend_batch("all", K, workdir / "batch.parquet")
+        result["rows"] = float(summary["rows"])
+        result["users"] = float(summary["users"])
+    result["seconds"] = time.perf_counter() - started
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def run_stage(mode: str, refs: dict[str, str], workdir: Path) -> dict[str, float]:
+    done = subprocess.run(
+        [sys.executable, __file__, "--stage", mode, "--refs", json.dumps(refs),
+         "--workdir", str(workdir)],
+        capture_output=True, text=True, env={**os.environ, **environment(workdir)})
+    if done.returncode != 0:
+        raise SystemExit(f"{mode} stage failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=162_541)
+    parser.add_argument("--items", type=int, default=59_047)
+    parser.add_argument("--ratings", type=int, default=25_000_095)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--stage", choices=("batch", "bare"), default=None)
+    parser.add_argument("--refs", default=None)
+    args = parser.parse_args()
+    if args.stage:
+        print(json.dumps(stage(args.stage, json.loads(args.refs), args.workdir)))
+        return
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
+        workdir = Path(scratch)
+        clock = time.perf_counter()
+        refs = build(workdir, args.users, args.items, args.ratings, args.seed)
+        print(f"generated {args.users:,} users x {args.items:,} items, {int(refs['nnz']):,} "
+              f"train interactions in {time.perf_counter() - clock:.1f} s")
+        batch = run_stage("batch", refs, workdir)
+        print(f"recommend --users all --k {K} to Parquet: {batch['seconds']:.2f} s, "
+              f"{int(batch['rows']):,} rows, peak RSS {batch['peak_rss_mb']:.0f} MB")
+        bare = run_stage("bare", refs, workdir)
+        print(f"bare numpy top-{K} of every user: {bare['seconds']:.2f} s, peak RSS "
+              f"{bare['peak_rss_mb']:.0f} MB")
+        from shared.settings import get_settings
+
+        chunk = get_settings().batch_chunk_users
+        nnz = int(refs["nnz"])
+        # What the batch holds beyond the interpreter: the snapshot's train split (12 bytes
+        # an interaction, twice while the CSR is rebuilt), the factors, one chunk's history
+        # (interactions and seen, 24 bytes each), three score blocks of 2**24 float32 cells
+        # and one chunk's rows (k x 32 bytes a user).
+        per_user = nnz / args.users
+        bound = (24 * nnz + 4 * FACTORS * (args.users + args.items) + 24 * per_user * chunk
+                 + 3 * 4 * (1 << 24) + 32 * K * chunk) / 2**20
+        print(f"bound on batch memory beyond the interpreter: {bound:.0f} MB "
+              f"(chunks of {chunk:,} users)")
+        print(json.dumps({
+            "users": int(batch["users"]), "rows": int(batch["rows"]),
+            "seconds": round(batch["seconds"], 3), "bare_seconds": round(bare["seconds"], 3),
+            "ratio": round(batch["seconds"] / bare["seconds"], 3),
+            "peak_rss_mb": round(batch["peak_rss_mb"], 1)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,429 @@
+"""Recommendations for many users at once, written to Parquet, CSV or JSON Lines.
+
+Each user gets the list serve's `GET /recommendations/{user_id}` would give them: every
+item they rated or gave feedback on is left out (the version's snapshot train row merged
+with their ratings and feedback in the database), a user the model lacks but who has
+interactions is folded in, and a user with none gets the popular list (train interaction
+counts); a genre filter keeps items of any of the genres. The version is resolved as
+`recsys eval` resolves it (services/eval/versions.py).
+
+Users are taken in chunks of BATCH_CHUNK_USERS: a chunk's history is read in one query,
+scored in blocks of at most SCORE_BLOCK_CELLS cells, and written as one Parquet part file
+beside the output (`<output>.parts/`), recorded in a manifest. A rerun with the same
+arguments skips the recorded parts; other arguments discard them and start over. When
+every chunk is written, the parts are combined into the output one at a time.
+
+Memory: the model and snapshot arrays, one chunk's history, one score block (3 x
+SCORE_BLOCK_CELLS x 4 bytes with its masked copy and argpartition indices) and one
+chunk's rows (chunk x k x 32 bytes); combining holds one part at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+from sqlalchemy import bindparam, text
+
+from services.eval.offline import EvaluationError
+from services.eval.versions import load_snapshot_arrays, resolve_version
+from shared.artifacts import arrays_to_csr, read_artifact
+from shared.db import session_scope
+from shared.features import IdIndex
+from shared.recommenders import SCORE_BLOCK_CELLS, Recommender, from_arrays
+from shared.settings import get_settings
+
+FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl"}
+COLUMNS = ("user_id", "rank", "movie_id", "score", "model_version")
+SCHEMA = pa.schema([("user_id", pa.int64()), ("rank", pa.int32()), ("movie_id", pa.int64()),
+                    ("score", pa.float64()), ("model_version", pa.int32())])
+MANIFEST = "manifest.json"
+# As serve and transform count them: a rating with its stars, a click or watch as
+# FEEDBACK_IMPLICIT_RATING stars, a view only "seen" (no interaction).
+ENGAGED = ("click", "watch")
+_FEEDBACK_ORDER = text(
+    "SELECT user_id, movie_id, value, type FROM feedback WHERE user_id IN :users "
+    "ORDER BY user_id, occurred_at, id").bindparams(bindparam("users", expanding=True))
+Progress = Callable[[int, int], None]  # (users done, users in all)
+
+
+class BatchError(EvaluationError):
+    """A batch cannot run as asked; the message names the input."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A loaded version with what scoring its users needs."""
+
+    record: dict[str, Any]
+    recommender: Recommender
+    users: IdIndex  # the model's users (and the snapshot train rows)
+    items: IdIndex
+    train: sp.csr_matrix
+    popularity: np.ndarray
+    genre_names: tuple[str, ...]
+    item_genres: np.ndarray
+
+
+def output_format(output: str | Path) -> str:
+    """parquet, csv or jsonl by the file's extension; BatchError for any other."""
+    suffix = Path(output).suffix.lower()
+    if suffix not in FORMATS:
+        raise BatchError(f"--output {output}: unknown extension {suffix or '(none)'!r}; use "
+                         f"{', '.join(FORMATS)}")
+    return FORMATS[suffix]
+
+
+def parse_users(spec: str | list[int]) -> list[int] | None:
+    """None for `all`; the ids of `ID,ID`, a list, or a file of one id per line (an
+    optional `user_id` header line, blank lines ignored), in order, duplicates dropped."""
+    if isinstance(spec, list):
+        ids = [int(u) for u in spec]
+    else:
+        text_spec = spec.strip()
+        if text_spec.lower() == "all":
+            return None
+        parts = [p.strip() for p in text_spec.split(",") if p.strip()]
+        if parts and all(p.isdigit() for p in parts):
+            ids = [int(p) for p in parts]
+        else:
+            ids = _users_file(Path(text_spec))
+    if not ids:
+        raise BatchError(f"--users {spec!r} names no user")
+    bad = [u for u in ids if u < 1]
+    if bad:
+        raise BatchError(f"--users: user id {bad[0]} is not a positive whole number")
+    return list(dict.fromkeys(ids))
+
+
+def _users_file(path: Path) -> list[int]:
+    if not path.is_file():
+        raise BatchError(f"--users {str(path)!r} is not 'all', a comma-separated list of "
+                         "user ids, or an existing file of user ids")
+    ids = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        value = line.strip().strip(",")
+        if not value or (number == 1 and value.lower() == "user_id"):
+            continue
+        if not value.isdigit() or int(value) < 1:
+            raise BatchError(f"--users file {path}, line {number}: {value[:40]!r} is not a "
+                             "user id (one positive whole number per line)")
+        ids.append(int(value))
+    if not ids:
+        raise BatchError(f"--users file {path} holds no user id")
+    return ids
+
+
+def load_batch(model: str | int) -> Batch:
+    """The version `model` names (number, `latest`, `challenger`) and its snapshot."""
+    record = resolve_version(model)
+    arrays, _ = read_artifact(record["artifact_path"], record["sha256"])
+    _, snap = load_snapshot_arrays(record["snapshot"])
+    items = IdIndex(np.asarray(arrays["item_ids"], dtype=np.int64))
+    users = IdIndex(np.asarray(arrays["user_ids"], dtype=np.int64))
+    if not np.array_equal(items.ids, snap["item_ids"]):
+        raise BatchError(f"version {record['version']}: its item ids differ from its snapshot's")
+    counts = snap.get("item_train_count")
+    train = arrays_to_csr("train", snap)
+    if counts is None:
+        counts = np.diff(train.tocsc().indptr)
+    names = tuple(str(g) for g in snap["genre_names"]) if "genre_names" in snap else ()
+    genres = (np.asarray(snap["item_genres"], dtype=bool) if "item_genres" in snap
+              else np.zeros((len(items), 0), dtype=bool))
+    return Batch(record, from_arrays(arrays), users, items, train,
+                 np.asarray(counts, dtype=np.float32), names, genres)
+
+
+def genre_mask(batch: Batch, genres: list[str]) -> tuple[np.ndarray | None, list[str]]:
+    """Items having any of `genres` (None: no filter) and the genres as the data spells them."""
+    if not genres:
+        return None, []
+    lower = {name.lower(): i for i, name in enumerate(batch.genre_names)}
+    unknown = [g for g in genres if g.lower() not in lower]
+    if unknown:
+        raise BatchError(f"--genres: unknown genre {unknown[0]!r}; genres are "
+                         f"{', '.join(batch.genre_names)}")
+    columns = sorted({lower[g.lower()] for g in genres})
+    return batch.item_genres[:, columns].any(axis=1), [batch.genre_names[c] for c in columns]
+
+
+def database_users() -> np.ndarray:
+    """Every user with a rating or feedback in the database, ascending."""
+    with session_scope() as session:
+        rows = session.execute(text("SELECT user_id FROM rating UNION "
+                                    "SELECT user_id FROM feedback")).scalars().all()
+    return np.unique(np.asarray(rows, dtype=np.int64))
+
+
+def _event_value(kind: str, value: float | None, implicit: float) -> float | None:
+    if kind == "rating" and value is not None:
+        return float(value)
+    return implicit if kind in ENGAGED else None
+
+
+def read_histories(user_ids: np.ndarray) -> dict[int, dict[int, float | None]]:
+    """Each user's ratings then feedback (in time order), later events winning, a view
+    never erasing an earlier interaction: serve's history of a user, for many at once."""
+    implicit = get_settings().feedback_implicit_rating
+    ids = [int(u) for u in user_ids]
+    histories: dict[int, dict[int, float | None]] = {}
+
+    def merge(user: int, movie: int, value: float | None) -> None:
+        history = histories.setdefault(user, {})
+        if value is not None or movie not in history:
+            history[movie] = value
+
+    with session_scope() as session:
+        for user, movie, value in session.execute(text(
+                "SELECT user_id, movie_id, rating FROM rating WHERE user_id IN :users "
+                "ORDER BY user_id, rated_at").bindparams(bindparam("users", expanding=True)),
+                {"users": ids}):
+            merge(int(user), int(movie), float(value))
+        for user, movie, value, kind in session.execute(_FEEDBACK_ORDER, {"users": ids}):
+            merge(int(user), int(movie), _event_value(kind, value, implicit))
+    return histories
+
+
+def _rows(batch: Batch, positions: np.ndarray, user_ids: np.ndarray,
+          histories: dict[int, dict[int, float | None]]
+          ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """(interactions, seen) of a chunk, users x items: the snapshot train row merged with
+    the database history, as serve's plan merges them."""
+    inter_rows, inter_cols, inter_vals, seen_rows, seen_cols = [], [], [], [], []
+    train = batch.train
+    for row, (position, user) in enumerate(zip(positions.tolist(), user_ids.tolist(),
+                                               strict=True)):
+        extra = histories.get(user)
+        if position >= 0 and not extra:  # the common case: the train row alone
+            start, end = train.indptr[position], train.indptr[position + 1]
+            cols = train.indices[start:end]
+            inter_rows.append(np.full(cols.size, row, np.int32))
+            inter_cols.append(cols)
+            inter_vals.append(train.data[start:end].astype(np.float32))
+            continue
+        values: dict[int, float | None] = {}
+        if position >= 0:
+            start, end = train.indptr[position], train.indptr[position + 1]
+            values = dict(zip(train.indices[start:end].tolist(),
+                              train.data[start:end].tolist(), strict=True))
+        if extra:
+            movies = np.fromiter(extra, dtype=np.int64, count=len(extra))
+            columns = batch.items.to_index(movies, allow_unknown=True)
+            for column, movie in zip(columns.tolist(), movies.tolist(), strict=True):
+                if column >= 0 and (extra[movie] is not None or column not in values):
+                    values[column] = extra[movie]
+        kept = {c: v for c, v in values.items() if v is not None}
+        inter_rows.append(np.full(len(kept), row, np.int32))
+        inter_cols.append(np.fromiter(kept, dtype=np.int32, count=len(kept)))
+        inter_vals.append(np.fromiter(kept.values(), dtype=np.float32, count=len(kept)))
+        only_seen = [c for c, v in values.items() if v is None]
+        seen_rows.append(np.full(len(only_seen), row, np.int32))
+        seen_cols.append(np.asarray(only_seen, dtype=np.int32))
+    shape = (len(user_ids), len(batch.items))
+
+    def csr(rows: list[np.ndarray], cols: list[np.ndarray], vals: np.ndarray | None
+            ) -> sp.csr_matrix:
+        r = np.concatenate(rows) if rows else np.empty(0, np.int32)
+        c = np.concatenate(cols) if cols else np.empty(0, np.int32)
+        v = np.ones(r.size, np.float32) if vals is None else vals
+        matrix = sp.csr_matrix((v, (r, c)), shape=shape)
+        matrix.sum_duplicates()
+        return matrix
+
+    interactions = csr(inter_rows, inter_cols,
+                       np.concatenate(inter_vals) if inter_vals else np.empty(0, np.float32))
+    seen_only = csr(seen_rows, seen_cols, None)
+    seen = (interactions.astype(bool) + seen_only.astype(bool)).astype(np.float32).tocsr()
+    return interactions, seen
+
+
+def rank_block(scores: np.ndarray, seen: sp.csr_matrix | None, mask: np.ndarray | None,
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best `k` items per row as serve ranks them (ties by lower index, never a seen or
+    masked item, NaN never ranked); cells past a row's finite scores are -1."""
+    scores = np.array(scores, dtype=np.float32)  # a copy: it gets masked
+    scores[np.isnan(scores)] = -np.inf
+    if seen is not None and seen.nnz:
+        scores[np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr)), seen.indices] = -np.inf
+    if mask is not None:
+        scores[:, ~mask] = -np.inf
+    n_rows, width = scores.shape[0], min(k, scores.shape[1])
+    ids = np.full((n_rows, k), -1, dtype=np.int64)
+    best = np.full((n_rows, k), -np.inf, dtype=np.float32)
+    if width == 0 or n_rows == 0:
+        return ids, best
+    candidates = np.argpartition(-scores, width - 1, axis=1)[:, :width]
+    values = np.take_along_axis(scores, candidates, axis=1)
+    threshold = values.min(axis=1)
+    # Rows with a tie at the boundary (or fewer finite scores than k) are ranked one by one,
+    # exactly as serve's `rank` does, so the same items win a tie.
+    exact = np.isfinite(threshold) & ((scores >= threshold[:, None]).sum(axis=1) == width)
+    order = np.lexsort((candidates, -values), axis=1)
+    ids[:, :width] = np.take_along_axis(candidates, order, axis=1)
+    best[:, :width] = np.take_along_axis(values, order, axis=1)
+    for row in np.flatnonzero(~exact).tolist():
+        line = scores[row]
+        if np.isfinite(threshold[row]):
+            pool = np.flatnonzero(line >= threshold[row])
+        else:
+            pool = np.flatnonzero(np.isfinite(line))
+        chosen = pool[np.lexsort((pool, -line[pool]))[:width]]
+        ids[row], best[row] = -1, -np.inf
+        ids[row, :chosen.size], best[row, :chosen.size] = chosen, line[chosen]
+    ids[~np.isfinite(best)] = -1
+    return ids, best
+
+
+def score_chunk(batch: Batch, user_ids: np.ndarray, k: int, exclude_seen: bool,
+                mask: np.ndarray | None) -> pa.Table:
+    """The rows of one chunk of users, in user order then rank."""
+    positions = batch.users.to_index(user_ids, allow_unknown=True)
+    interactions, seen = _rows(batch, positions, user_ids, read_histories(user_ids))
+    has_history = np.diff(interactions.indptr) > 0
+    popular = (positions < 0) & ~has_history
+    ids = np.full((user_ids.size, k), -1, dtype=np.int64)
+    best = np.full((user_ids.size, k), -np.inf, dtype=np.float32)
+    recommender = batch.recommender
+    block = max(1, SCORE_BLOCK_CELLS // max(len(batch.items), 1))
+    # Three groups, each scored as serve scores it: trained users from the model alone
+    # (where it can), the others from their interactions (fold-in, item-based models),
+    # and users with no interactions from the popular list.
+    alone = recommender.scores_trained_alone
+    groups = ((np.flatnonzero(positions >= 0) if alone else np.empty(0, np.int64), "trained"),
+              (np.flatnonzero(~popular & ((positions < 0) if alone else True)), "history"),
+              (np.flatnonzero(popular), "popular"))
+    for members, path in groups:
+        for start in range(0, members.size, block):
+            rows = members[start:start + block]
+            if path == "trained":
+                scores = recommender.score_trained(positions[rows])
+            elif path == "history":
+                scores = recommender.score(positions[rows], interactions[rows])
+            else:
+                scores = np.broadcast_to(batch.popularity, (rows.size, len(batch.items)))
+            ids[rows], best[rows] = rank_block(scores, seen[rows] if exclude_seen else None,
+                                               mask, k)
+    keep = ids >= 0
+    counts = keep.sum(axis=1)
+    ranks = np.broadcast_to(np.arange(1, k + 1, dtype=np.int32), ids.shape)[keep]
+    return pa.table({
+        "user_id": pa.array(np.repeat(user_ids, counts), pa.int64()),
+        "rank": pa.array(ranks, pa.int32()),
+        "movie_id": pa.array(batch.items.ids[ids[keep]], pa.int64()),
+        "score": pa.array(np.round(best[keep].astype(np.float64), 6), pa.float64()),
+        "model_version": pa.array(np.full(int(keep.sum()), batch.record["version"], np.int32),
+                                  pa.int32()),
+    }, schema=SCHEMA)
+
+
+def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    os.replace(partial, path)
+
+
+def _write_output(parts: Iterator[Path], output: Path, kind: str) -> None:
+    """The parts combined into `output` (written beside it, then renamed into place)."""
+    partial = output.with_name(output.name + ".partial")
+    if kind == "parquet":
+        with pq.ParquetWriter(partial, SCHEMA) as writer:
+            for part in parts:
+                writer.write_table(pq.read_table(part))
+    elif kind == "csv":
+        with pacsv.CSVWriter(partial, SCHEMA) as writer:
+            for part in parts:
+                writer.write_table(pq.read_table(part))
+    else:
+        with partial.open("w", encoding="utf-8") as handle:
+            for part in parts:
+                columns = pq.read_table(part).to_pydict()
+                handle.writelines(
+                    f'{{"user_id":{u},"rank":{r},"movie_id":{m},"score":{s!r},'
+                    f'"model_version":{v}}}\n'
+                    for u, r, m, s, v in zip(*(columns[c] for c in COLUMNS), strict=True))
+    os.replace(partial, output)
+
+
+def recommend_batch(users: str | list[int], k: int, output: str | Path,
+                    model: str | int = "latest", exclude_seen: bool = True,
+                    genres: list[str] | None = None, progress: Progress | None = None
+                    ) -> dict[str, Any]:
+    """Write every asked user's top `k` to `output` (format by extension), resumably;
+    returns the summary: users, rows, output, model_version, seconds, resumed chunks."""
+    started = time.perf_counter()
+    if k < 1:
+        raise BatchError(f"--k {k}: must be at least 1")
+    output = Path(output)
+    kind = output_format(output)
+    if output.is_dir():
+        raise BatchError(f"--output {output} is a directory; name a file")
+    asked = parse_users(users)
+    batch = load_batch(model)
+    mask, genre_names = genre_mask(batch, list(genres or []))
+    user_ids = (np.union1d(batch.users.ids, database_users()) if asked is None
+                else np.asarray(asked, dtype=np.int64))
+    chunk_users = get_settings().batch_chunk_users
+    arguments = {"users": hashlib.sha256(user_ids.tobytes()).hexdigest(),
+                 "users_count": int(user_ids.size), "k": k, "exclude_seen": exclude_seen,
+                 "genres": genre_names, "version": batch.record["version"],
+                 "sha256": batch.record["sha256"], "chunk_users": chunk_users}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    parts_dir = output.with_name(output.name + ".parts")
+    manifest_path = parts_dir / MANIFEST
+    manifest: dict[str, Any] = {"arguments": arguments, "chunks": {}}
+    restarted = None
+    if manifest_path.is_file():
+        previous = json.loads(manifest_path.read_text())
+        if previous.get("arguments") == arguments:
+            manifest = previous
+        else:
+            changed = sorted(key for key in arguments
+                             if previous.get("arguments", {}).get(key) != arguments[key])
+            restarted = (f"the unfinished run in {parts_dir} had other arguments "
+                         f"({', '.join(changed)}); starting over")
+            shutil.rmtree(parts_dir)
+    parts_dir.mkdir(exist_ok=True)
+    chunks = range(0, user_ids.size, chunk_users)
+    resumed = 0
+    rows = 0
+    for number, start in enumerate(chunks):
+        part = parts_dir / f"part-{number:06d}.parquet"
+        done = manifest["chunks"].get(str(number))
+        if done is not None and part.is_file():
+            resumed += 1
+            rows += int(done["rows"])
+        else:
+            table = score_chunk(batch, user_ids[start:start + chunk_users], k, exclude_seen,
+                                mask)
+            partial = part.with_suffix(".tmp")
+            pq.write_table(table, partial)
+            os.replace(partial, part)
+            manifest["chunks"][str(number)] = {"rows": table.num_rows}
+            _atomic_json(manifest_path, manifest)
+            rows += table.num_rows
+        if progress is not None:
+            progress(min(start + chunk_users, int(user_ids.size)), int(user_ids.size))
+    _write_output((parts_dir / f"part-{n:06d}.parquet" for n in range(len(chunks))), output,
+                  kind)
+    shutil.rmtree(parts_dir)
+    summary: dict[str, Any] = {
+        "users": int(user_ids.size), "rows": rows, "output": str(output.resolve()),
+        "format": kind, "model_version": batch.record["version"], "k": k,
+        "exclude_seen": exclude_seen, "genres": genre_names,
+        "seconds": round(time.perf_counter() - started, 3), "chunks": len(chunks),
+        "resumed_chunks": resumed}
+    if restarted:
+        summary["restarted"] = restarted
+    return summary
