@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from shared.cli import app, emit_json, ensure_embedded_schema, err, fail, out
+from shared.cli import app, emit_json, ensure_schema, err, fail, out
 from shared.errors import RecsysError
 
 
@@ -55,7 +55,7 @@ def recommend_command(
     """Write recommendations for many users to a file, resumably, in chunks of users."""
     from services.eval.batch import recommend_batch
 
-    ensure_embedded_schema()
+    ensure_schema()
     wanted = [g.strip() for g in genres.split(",") if g.strip()] if genres else []
     try:
         with user_progress() as bar:
