@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -502,6 +503,25 @@ def _status_of(record: dict[str, Any]) -> dict[str, Any]:
             "exit_code": record.get("exit_code")}
 
 
+def _stop_started(started: list[tuple[subprocess.Popen[bytes], dict[str, Any]]],
+                  timeout: float = 10.0) -> None:
+    """SIGTERM to each service's process group, SIGKILL to what is left after `timeout`."""
+    for process, _record in started:
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process, record in started:
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        _CHILDREN.pop(process.pid, None)
+        record["stopped_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        _write_record(Path(record["log"]).parent, record)
+
+
 def up(services: list[str] | None = None, state_dir: Path | None = None,
        env: dict[str, str] | None = None, *, compose_file: Path | None = None,
        one_shot_timeout: float = 600.0, settle: float = 2.0,
@@ -529,44 +549,49 @@ def up(services: list[str] | None = None, state_dir: Path | None = None,
     current = {row["name"]: row for row in status(state)}
     results: list[dict[str, Any]] = []
     started: list[tuple[subprocess.Popen[bytes], dict[str, Any]]] = []
-    for name in order:
-        spec, argv = apps[name], [executable, *service_command(apps[name])]
-        if not is_one_shot(spec) and current.get(name, {}).get("running"):
-            results.append({**current[name], "state": "already running"})
-            continue
-        process, record = _spawn(name, argv, envs[name], state, is_one_shot(spec))
-        if not is_one_shot(spec):
-            _write_record(state, record)
-            (state / f"{name}.pid").write_text(f"{process.pid}\n")
-            started.append((process, record))
-            continue
-        try:
-            record["exit_code"] = process.wait(timeout=one_shot_timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            record["exit_code"] = process.wait()
-            _write_record(state, record)
-            raise StackError(f"one-shot service {name} ({record['command']}) did not finish in "
-                             f"{one_shot_timeout:g} s; log {record['log']}") from None
-        finally:
-            _CHILDREN.pop(process.pid, None)
-        _write_record(state, record)
-        if record["exit_code"] != 0:
-            raise StackError(f"one-shot service {name} ({record['command']}) failed with exit "
-                             f"code {record['exit_code']}; services after it were not started. "
-                             f"Log {record['log']}:\n{_log_tail(Path(record['log']))}")
-        results.append(_status_of(record))
-
-    # A worker with a bad setting or an unreachable server exits within moments.
-    deadline = time.monotonic() + settle
-    while started and time.monotonic() < deadline:
-        time.sleep(0.1)
-        for process, record in started:
-            if process.poll() is not None:
+    try:
+        for name in order:
+            spec, argv = apps[name], [executable, *service_command(apps[name])]
+            if not is_one_shot(spec) and current.get(name, {}).get("running"):
+                results.append({**current[name], "state": "already running"})
+                continue
+            process, record = _spawn(name, argv, envs[name], state, is_one_shot(spec))
+            if not is_one_shot(spec):
+                _write_record(state, record)
+                (state / f"{name}.pid").write_text(f"{process.pid}\n")
+                started.append((process, record))
+                continue
+            try:
+                record["exit_code"] = process.wait(timeout=one_shot_timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                record["exit_code"] = process.wait()
+                _write_record(state, record)
+                raise StackError(f"one-shot service {name} ({record['command']}) did not finish in "
+                                 f"{one_shot_timeout:g} s; log {record['log']}") from None
+            finally:
                 _CHILDREN.pop(process.pid, None)
-                raise StackError(f"service {record['name']} ({record['command']}) exited with "
-                                 f"code {process.returncode} right after starting. Log "
-                                 f"{record['log']}:\n{_log_tail(Path(record['log']))}")
+            _write_record(state, record)
+            if record["exit_code"] != 0:
+                raise StackError(f"one-shot service {name} ({record['command']}) failed with exit "
+                                 f"code {record['exit_code']}; services after it were not started. "
+                                 f"Log {record['log']}:\n{_log_tail(Path(record['log']))}")
+            results.append(_status_of(record))
+
+        # A worker with a bad setting or an unreachable server exits within moments.
+        deadline = time.monotonic() + settle
+        while started and time.monotonic() < deadline:
+            time.sleep(0.1)
+            for process, record in started:
+                if process.poll() is not None:
+                    _CHILDREN.pop(process.pid, None)
+                    raise StackError(f"service {record['name']} ({record['command']}) exited with "
+                                     f"code {process.returncode} right after starting. Log "
+                                     f"{record['log']}:\n{_log_tail(Path(record['log']))}")
+    except StackError:
+        # What this call started would otherwise run on with nobody to stop it.
+        _stop_started(started)
+        raise
     results.extend({**_status_of(record), "state": "started"} for _, record in started)
     return results
 

@@ -227,3 +227,32 @@ def test_a_failing_one_shot_stops_up(tmp_path: Path) -> None:
                                          r"no-such-revision\) failed with exit code \d+"):
         up(state_dir=state, env=env, compose_file=compose)
     assert [(r["name"], r["running"]) for r in status(state)] == [("migrate", False)]
+
+
+def test_a_failing_one_shot_stops_what_up_had_started(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    compose = tmp_path / "docker-compose.yml"
+    compose.write_text(
+        "services:\n"
+        "  serve:\n"
+        "    build: .\n"
+        f"    command: [serve, --host, 127.0.0.1, --port, '{port}', --workers, '1']\n"
+        "  bootstrap:\n"
+        "    build: .\n"
+        "    command: [db, upgrade, no-such-revision]\n"
+        "    restart: 'no'\n"
+        "    depends_on:\n"
+        "      serve: {condition: service_started}\n"
+    )
+    env = stack_env(f"sqlite:///{tmp_path / 'recsys.sqlite3'}", tmp_path)
+    state = tmp_path / "stack"
+    with pytest.raises(StackError, match=r"one-shot service bootstrap"):
+        up(state_dir=state, env=env, compose_file=compose)
+    rows = {r["name"]: r for r in status(state)}
+    assert rows["serve"]["running"] is False and rows["serve"]["state"] == "stopped"
+    with socket.socket() as probe:  # nothing listens there any more
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
