@@ -157,7 +157,10 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
     assert figures["links"] == Shape.scaled(5000).movies
     copies = sum(figures[f"copy_s_{name}"] for name in ("ratings", "movies", "tags", "links"))
     assert copies <= figures["copy_s"]
-    assert figures["ratio"] == pytest.approx(figures["ingest_s"] / figures["copy_s"], rel=0.01)
+    # The seconds are printed to the millisecond: at this size that rounding alone moves
+    # the quotient by up to 0.5 ms over copy_s.
+    assert figures["ratio"] == pytest.approx(figures["ingest_s"] / figures["copy_s"],
+                                             rel=0.01 + 0.0005 / figures["copy_s"])
     assert figures["ratio"] > 0
     assert figures["peak_rss_mb"] > 0
     assert figures["ingest_rows_per_s"] > 0 and figures["copy_rows_per_s"] > 0
