@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import bare_top_k  # noqa: E402
 from bench.evaluate import generate, peak_rss_mb  # noqa: E402
 
 FACTORS = 64
@@ -93,15 +94,8 @@ def stage(mode: str, refs: dict[str, str], workdir: Path) -> dict[str, float]:
         snapshot, _ = read_artifact(refs["snapshot"], refs["snapshot_sha"])
         user_factors, item_factors = model["user_factors"], model["item_factors"]
         train = arrays_to_csr("train", snapshot)
-        block = max(1, (1 << 24) // item_factors.shape[0])
-        for start in range(0, user_factors.shape[0], block):
-            chunk = np.arange(start, min(start + block, user_factors.shape[0]))
-            scores = user_factors[chunk] @ item_factors.T
-            seen = train[chunk]
-            scores[np.repeat(np.arange(chunk.size), np.diff(seen.indptr)), seen.indices] = -np.inf
-            top = np.argpartition(-scores, K - 1, axis=1)[:, :K]
-            np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1),
-                                               axis=1), axis=1)
+        bare_top_k(user_factors, item_factors, train, np.arange(user_factors.shape[0]), K,
+                   ordered=True)
         result["rows"] = float(user_factors.shape[0] * K)
     else:
         summary = recommend_batch("all", K, workdir / "batch.parquet")

@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import bare_top_k  # noqa: E402
+
 FACTORS = 64
 K = 10
 
@@ -100,13 +102,7 @@ def stage(mode: str, refs: dict[str, str], sample: int) -> dict[str, float]:
         user_factors, item_factors = model["user_factors"], model["item_factors"]
         train, test = arrays_to_csr("train", arrays), arrays_to_csr("test", arrays)
         users = np.flatnonzero(np.diff(test.indptr))
-        block = max(1, (1 << 24) // item_factors.shape[0])
-        for start in range(0, users.size, block):
-            chunk = users[start:start + block]
-            scores = user_factors[chunk] @ item_factors.T
-            seen = train[chunk]
-            scores[np.repeat(np.arange(chunk.size), np.diff(seen.indptr)), seen.indices] = -np.inf
-            np.argpartition(-scores, K - 1, axis=1)[:, :K]
+        bare_top_k(user_factors, item_factors, train, users, K)
     else:
         measured = measure_on_snapshot(record, arrays, [K, 20], sample=sample)
         result["ndcg@10"] = measured["metrics"]["ndcg@10"]

@@ -39,7 +39,7 @@ import httpx
 import numpy as np
 import psycopg2
 
-from bench.common import libpq_dsn, scratch_database, session_pids
+from bench.common import bare_top_k, libpq_dsn, scratch_database, session_pids
 from bench.datagen import ML25M_RATINGS, ensure_dataset
 from bench.loop import (
     DEFAULT_ADMIN_URL,
@@ -241,13 +241,7 @@ def bare_parts(dataset: Any, args: argparse.Namespace) -> dict[str, float]:
     user_factors, item_factors = model.user_factors, model.item_factors
     clock = time.perf_counter()
     test_users = np.flatnonzero(np.diff(test.indptr))
-    block = max(1, (1 << 24) // items.size)
-    for start in range(0, test_users.size, block):
-        chunk = test_users[start:start + block]
-        scores = user_factors[chunk] @ item_factors.T
-        seen = train[chunk]
-        scores[np.repeat(np.arange(chunk.size), np.diff(seen.indptr)), seen.indices] = -np.inf
-        np.argpartition(-scores, K - 1, axis=1)[:, :K]
+    bare_top_k(user_factors, item_factors, train, test_users, K)
     parts["top10"] = time.perf_counter() - clock
     for name, seconds in parts.items():
         log(f"bare {name}: {seconds:.2f} s")
