@@ -59,7 +59,7 @@ CLEARED = ("DATABASE_URL", "BROKER_URL", "REDIS_URL", "API_KEY", "MODEL_VERSION"
 
 def recsys() -> list[str]:
     beside = Path(sys.executable).parent / "recsys"
-    return [str(beside)] if beside.exists() else [sys.executable, "-m", "shared.cli"]
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "recsys.cli"]
 
 
 def base_env(work: Path, **settings: str) -> dict[str, str]:

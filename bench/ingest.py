@@ -80,7 +80,7 @@ class CopyRun:
 def recsys_command() -> list[str]:
     """The `recsys` console script of this interpreter's environment."""
     script = Path(sys.executable).with_name("recsys")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "shared.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "recsys.cli"]
 
 
 def child_env(database: URL, workdir: Path) -> dict[str, str]:

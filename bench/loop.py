@@ -3,7 +3,7 @@
 In one run:
 
 (a) loop: a scratch database and a RabbitMQ virtual host of the run's own; the stack of
-    docker-compose.yml's app services as local processes (`shared.stack.up`); the pipeline
+    docker-compose.yml's app services as local processes (`recsys.stack.up`); the pipeline
     on ml-100k with a weak champion (most-popular); lists served over HTTP and clicks on
     some of their items (a new snapshot's worth of feedback). Then the clock starts as the
     retrain rule fires (`services.eval.policy.fire`, which enqueues transform -> train ->
@@ -160,8 +160,8 @@ def serve_and_click(users: range, clicks: int = 3) -> int:
 def measure_loop(args: argparse.Namespace, broker_url: str, workdir: Path) -> dict[str, Any]:
     """Stack up on a scratch database; time rule firing -> serve answering the new version;
     then time the same stages directly in this process."""
+    from recsys.stack import down, up
     from shared.celery_app import ServiceQueue, app
-    from shared.stack import down, up
 
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     with scratch_database(args.database_url) as url:

@@ -91,10 +91,10 @@ class Peaks:
 def run_once(label: str, dataset: Any, args: argparse.Namespace, broker_url: str,
              workdir: Path) -> dict[str, Any]:
     """One pipeline run on a fresh database and stack; ingest start -> served champion."""
+    from recsys.stack import down, up
     from shared.celery_app import ServiceQueue, app, purge_queues
     from shared.db import migrate
     from shared.pipeline import build_chain, select_stages
-    from shared.stack import down, up
 
     options = {"source": str(dataset.root), **RUNS[label]}
     with scratch_database(args.database_url, f"pipeline_{label}") as url:

@@ -6,8 +6,9 @@ Services never import each other: they call tasks by name through `run_task`
 
 from __future__ import annotations
 
-import importlib
 from enum import StrEnum
+from functools import cache
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import kombu.exceptions
@@ -29,10 +30,10 @@ class ServiceQueue(StrEnum):
     EVAL = "eval"
 
 
-# Where each worker service keeps its tasks; only the worker (or eager mode) imports them.
-TASK_MODULES: dict[ServiceQueue, str] = {
-    queue: f"services.{queue.value}.tasks" for queue in ServiceQueue
-}
+# Where each worker service keeps its tasks is declared by the package (pyproject's
+# `recsys.tasks` entry points, one per queue), not here: this library never names a service.
+# Only the worker (or eager mode) imports them.
+TASK_ENTRY_POINTS = "recsys.tasks"
 
 # Errors worth a retry with backoff: the database, broker or cache blinked.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -140,15 +141,21 @@ def service_task(name: str, **options: Any) -> Any:
     return app.task(**defaults)
 
 
+@cache  # reading the installed metadata costs milliseconds; run_task asks on every call
+def _declared_tasks() -> dict[str, EntryPoint]:
+    declared = {point.name: point for point in entry_points(group=TASK_ENTRY_POINTS)}
+    if not declared:
+        raise RuntimeError(f"no {TASK_ENTRY_POINTS!r} entry points are installed: reinstall "
+                           "the package (`pip install -e .`) so its services' tasks are found")
+    return declared
+
+
 def import_tasks(*queues: ServiceQueue) -> None:
     """Register the tasks of the given services (all of them when none given)."""
+    declared = _declared_tasks()
     for queue in queues or tuple(ServiceQueue):
-        try:
-            importlib.import_module(TASK_MODULES[queue])
-        except ModuleNotFoundError as error:
-            # A service whose tasks do not exist yet is simply absent.
-            if error.name != TASK_MODULES[queue]:
-                raise
+        if queue.value in declared:  # a service whose tasks are not declared is absent
+            declared[queue.value].load()
 
 
 def task_available(name: str) -> bool:

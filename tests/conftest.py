@@ -216,7 +216,7 @@ def ml100k() -> Path:
 def recsys_command() -> list[str]:
     """The installed `recsys` entry point of this interpreter's environment."""
     candidate = Path(sys.executable).parent / "recsys"
-    return [str(candidate)] if candidate.exists() else [sys.executable, "-m", "shared.cli"]
+    return [str(candidate)] if candidate.exists() else [sys.executable, "-m", "recsys.cli"]
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):  # type: ignore[no-untyped-def]

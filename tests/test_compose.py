@@ -12,10 +12,8 @@ import yaml
 from dotenv import dotenv_values
 from typer.testing import CliRunner
 
-from shared.celery_app import ServiceQueue
-from shared.cli import app as cli_app
-from shared.settings import Settings, setting_names
-from shared.stack import (
+from recsys.cli import app as cli_app
+from recsys.stack import (
     app_services,
     compose_services,
     depends_on,
@@ -23,6 +21,8 @@ from shared.stack import (
     is_one_shot,
     service_command,
 )
+from shared.celery_app import ServiceQueue
+from shared.settings import Settings, setting_names
 
 PROJECT = Path(__file__).resolve().parents[1]
 COMPOSE = PROJECT / "docker-compose.yml"

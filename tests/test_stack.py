@@ -14,11 +14,8 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from shared.celery_app import app as celery_app
-from shared.celery_app import configure_app
-from shared.cli import app as cli_app
-from shared.settings import Settings
-from shared.stack import (
+from recsys.cli import app as cli_app
+from recsys.stack import (
     StackError,
     down,
     interpolate,
@@ -29,6 +26,9 @@ from shared.stack import (
     status,
     up,
 )
+from shared.celery_app import app as celery_app
+from shared.celery_app import configure_app
+from shared.settings import Settings
 from tests.conftest import SERVICE_URLS, purge_service_queues
 
 # The machine's own servers (in compose they are the postgres/rabbitmq/redis services).

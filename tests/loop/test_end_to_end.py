@@ -23,6 +23,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from recsys.stack import down, up
 from shared.celery_app import ServiceQueue, app
 from shared.db import (
     Feedback,
@@ -34,7 +35,6 @@ from shared.db import (
     session_scope,
 )
 from shared.events import Event, PikaEventBus
-from shared.stack import down, up
 from tests.conftest import port_open, purge_service_queues, recsys_command, wait_for
 
 API_KEY = "loop-test-key"

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from recsys.stack import down, up
 from shared.celery_app import ServiceQueue, app, run_task
 from shared.db import ModelVersion, session_scope
 from shared.errors import RecsysError
 from shared.pipeline import latest_snapshot, run_pipeline
 from shared.settings import get_settings
-from shared.stack import down, up
 from tests.conftest import purge_service_queues, wait_for
 
 

@@ -19,7 +19,7 @@ SUMMARY = {
 
 
 def test_pipeline_table_is_not_cut_when_stdout_is_a_pipe() -> None:
-    code = ("import json, sys; from shared.cli import print_pipeline; "
+    code = ("import json, sys; from recsys.cli import print_pipeline; "
             "print_pipeline(json.loads(sys.argv[1]))")
     done = subprocess.run([sys.executable, "-c", code, json.dumps(SUMMARY)],
                           capture_output=True, text=True, timeout=60)

@@ -1,6 +1,6 @@
 """`recsys models`, `recsys eval` and `recsys report`: the registry and its measurements.
 
-Registered on the `recsys` app by shared/cli.py, whose output helpers they use.
+Registered on the `recsys` app by recsys/cli.py, whose output helpers they use.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from shared.cli import app, emit_json, ensure_schema, err, fail, out
+from recsys.cli import app, emit_json, ensure_schema, err, fail, out
 from shared.errors import RecsysError
 
 models_app = typer.Typer(help="The model registry: versions and aliases.", no_args_is_help=True)

@@ -1,6 +1,6 @@
 """`recsys recommend`: every asked user's top k written to Parquet, CSV or JSON Lines.
 
-Registered on the `recsys` app by shared/cli.py. It runs in this process (reading the
+Registered on the `recsys` app by recsys/cli.py. It runs in this process (reading the
 registry's tables, the database and the artifact store), so the file lands where asked and
 a progress bar follows the chunks; `POST /recommendations/batch` runs the same on the eval
 worker.
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from shared.cli import app, emit_json, ensure_schema, err, fail, out
+from recsys.cli import app, emit_json, ensure_schema, err, fail, out
 from shared.errors import RecsysError
 
 

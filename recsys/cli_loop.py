@@ -1,6 +1,6 @@
 """`recsys ab`, `recsys policy` and `recsys beat`: the commands of the closed loop.
 
-Registered on the `recsys` app by shared/cli.py, whose output helpers they use.
+Registered on the `recsys` app by recsys/cli.py, whose output helpers they use.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ def ab_status_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object last."),
 ) -> None:
     """Per-arm CTR since the challenger was set, the z-test and the sample it needs."""
+    from recsys.cli import emit_json, ensure_schema, out
     from services.eval.ab import ab_status, promote_winner
-    from shared.cli import emit_json, ensure_schema, out
 
     ensure_schema()
     status = ab_status()
@@ -47,8 +47,8 @@ def ab_promote_command(
                                "significant win."),
 ) -> None:
     """Promote the challenger to champion when it won the A/B test."""
+    from recsys.cli import ensure_schema, fail, out
     from services.eval.ab import ab_status, promote_winner
-    from shared.cli import ensure_schema, fail, out
 
     ensure_schema()
     status = ab_status()
@@ -62,8 +62,8 @@ def policy_command() -> None:
     """Run the retrain policy: consume metrics.online and feedback.received events."""
     import logging
 
+    from recsys.cli import ensure_schema, fail
     from services.eval.policy import consume_forever
-    from shared.cli import ensure_schema, fail
 
     if not get_settings().broker_url:
         fail("BROKER_URL is not set: the policy consumes events from RabbitMQ (in embedded "
@@ -75,8 +75,8 @@ def policy_command() -> None:
 
 def beat_command() -> None:
     """Run Celery beat: eval.online every ONLINE_INTERVAL_SECONDS on the eval queue."""
+    from recsys.cli import fail
     from shared.celery_app import configure_app
-    from shared.cli import fail
 
     settings = get_settings()
     if not settings.broker_url:

@@ -1,6 +1,6 @@
 """`recsys stack up|down|status`: docker-compose.yml's app services as local processes.
 
-Registered on the `recsys` app by shared/cli.py, whose output helpers they use.
+Registered on the `recsys` app by recsys/cli.py, whose output helpers they use.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from shared.cli import app, emit_json, fail, out
+from recsys.cli import app, emit_json, fail, out
 
 stack_app = typer.Typer(help="Run docker-compose.yml's app services as local processes.",
                         no_args_is_help=True)
@@ -37,7 +37,7 @@ def stack_up(
     """Run the one-shot services, then start the workers, as compose would."""
     from pathlib import Path
 
-    from shared.stack import StackError, up
+    from recsys.stack import StackError, up
 
     try:
         rows = up(services or None, Path(state_dir) if state_dir else None)
@@ -55,7 +55,7 @@ def stack_down(
     """Stop the services `stack up` started."""
     from pathlib import Path
 
-    from shared.stack import StackError, down
+    from recsys.stack import StackError, down
 
     try:
         rows = down(Path(state_dir) if state_dir else None, timeout=timeout)
@@ -75,7 +75,7 @@ def stack_status(
     """Show the services `stack up` started and whether they run."""
     from pathlib import Path
 
-    from shared.stack import StackError, status
+    from recsys.stack import StackError, status
 
     try:
         rows = status(Path(state_dir) if state_dir else None)

@@ -378,10 +378,10 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
 
 def _register_more_commands() -> None:
     """The registry, stack and loop commands live in their own modules."""
-    import shared.cli_batch  # noqa: F401  (registers recommend)
-    import shared.cli_models  # noqa: F401  (registers models, eval, report)
-    import shared.cli_stack  # noqa: F401  (registers stack)
-    from shared.cli_loop import ab_app, beat_command, policy_command
+    import recsys.cli_batch  # noqa: F401  (registers recommend)
+    import recsys.cli_models  # noqa: F401  (registers models, eval, report)
+    import recsys.cli_stack  # noqa: F401  (registers stack)
+    from recsys.cli_loop import ab_app, beat_command, policy_command
 
     app.add_typer(ab_app, name="ab")
     app.command("policy")(policy_command)
