@@ -1,7 +1,7 @@
 """Fault scenarios on the real services: what a broker, database or cache restart, or a
 malformed request, costs in lost, duplicated and failed requests.
 
-Every outage is of a private server this run starts on a free port (tests/chaos/servers.py);
+Every outage is of a private server this run starts on a free port (tests/servers.py);
 the shared Postgres only lends a scratch database and the shared Redis a key prefix.
 Each scenario prints its counts; the last line is one JSON object:
 {"scenarios": {name: {"sent", "accepted", "persisted", "lost", "duplicated", "5xx",
@@ -33,7 +33,7 @@ import psycopg2
 from sqlalchemy.engine import make_url
 
 from bench.common import libpq_dsn, scratch_database
-from tests.chaos.servers import (
+from tests.servers import (
     free_port,
     private_postgres,
     private_rabbitmq,
