@@ -1,7 +1,8 @@
-"""Fault scenarios on the real services: what a broker, database or cache restart, or a
-malformed request, costs in lost, duplicated and failed requests.
+"""Fault scenarios on the real services: what a broker, database or cache restart, a
+malformed request, kill -9 of a worker mid-task or the whole stack down and up costs in
+lost, duplicated and failed requests.
 
-Every outage is of a private server this run starts on a free port (tests/chaos/servers.py);
+Every outage is of a private server this run starts on a free port (tests/servers.py);
 the shared Postgres only lends a scratch database and the shared Redis a key prefix.
 Each scenario prints its counts; the last line is one JSON object:
 {"scenarios": {name: {"sent", "accepted", "persisted", "lost", "duplicated", "5xx",
@@ -22,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ import psycopg2
 from sqlalchemy.engine import make_url
 
 from bench.common import libpq_dsn, scratch_database
-from tests.chaos.servers import (
+from tests.servers import (
     free_port,
     private_postgres,
     private_rabbitmq,
@@ -469,71 +471,290 @@ def _count(database_url: str, sql: str) -> int:
         conn.close()
 
 
-# What each killed task must leave exactly one of, and what it needs done before it.
-KILL_TASKS: dict[str, tuple[str, str]] = {
-    "ingest": ("ingest.load", "SELECT count(*) FROM ingest_batch"),
-    "transform": ("transform.snapshot", "SELECT count(*) FROM snapshot"),
+# Run in a child process on the scenario's settings (no broker: in-process), each prints
+# the JSON the task to kill takes as its first argument.
+_LATEST_SNAPSHOT = "from shared.pipeline import latest_snapshot; snapshot = latest_snapshot(None)"
+_TRAINED = (_LATEST_SNAPSHOT + "; from services.train.training import train_many; "
+            "trained = train_many(snapshot, ['popular', 'itemknn_cosine'], tune=False)")
+SETUP_SNIPPETS = {
+    "train": _LATEST_SNAPSHOT + "; import json; print(json.dumps(snapshot))",
+    "registry": _TRAINED + "; import json; print(json.dumps(trained))",
+    "eval": _TRAINED + "; from services.registry.tasks import register; "
+            "import json; print(json.dumps(register(trained)))",
+}
+
+
+def _rows(database_url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    conn = psycopg2.connect(libpq_dsn(make_url(database_url)))
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(sql, params)
+            return list(cursor.fetchall())
+    finally:
+        conn.close()
+
+
+def _one_each(made: Mapping[Any, int], expected: list[Any]) -> dict[str, int]:
+    """persisted/lost/duplicated of things each expected exactly once."""
+    return {"persisted": sum(1 for key in expected if made.get(key, 0) >= 1),
+            "lost": sum(1 for key in expected if made.get(key, 0) == 0),
+            "duplicated": sum(max(count - 1, 0) for count in made.values())}
+
+
+class Hold:
+    """A transaction of the scenario's own that makes the task wait on Postgres half-way
+    (after its first item is committed, before its second), so the kill lands mid-task
+    whatever the machine's speed; rolled back once the pool process is dead."""
+
+    def __init__(self, database_url: str, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        self.conn = psycopg2.connect(libpq_dsn(make_url(database_url)))
+        with self.conn.cursor() as cursor:
+            for sql, params in statements:
+                cursor.execute(sql, params)
+
+    def release(self) -> None:
+        if not self.conn.closed:
+            self.conn.rollback()
+            self.conn.close()
+
+
+def _registry_hold(database: str, inputs: Any) -> Hold:
+    # An uncommitted version 2: the task registers its first model as version 1 and commits,
+    # then its second waits on the unique (name, version) index.
+    return Hold(database, [(
+        "INSERT INTO model_version (name, version, algorithm, params, snapshot_id, metrics, "
+        "artifact_path, sha256, fit_key, created_at) VALUES ('recsys', 2, 'hold', '{}', %s, "
+        "'{}', '', '', 'chaos-hold', now())", (inputs[0]["snapshot"]["snapshot_id"],))])
+
+
+def _eval_hold(database: str, inputs: Any) -> Hold:
+    # The second version's row locked: its figures wait, the first version's are stored.
+    return Hold(database, [("SELECT 1 FROM model_version WHERE version = %s FOR UPDATE",
+                            (inputs[1]["version"],))])
+
+
+def _metrics(database: str) -> dict[int, Any]:
+    return {int(version): metrics for version, metrics in _rows(
+        database, "SELECT version, metrics FROM model_version")}
+
+
+def _versions_per_algorithm(database: str) -> dict[str, int]:
+    return {str(algorithm): int(count) for algorithm, count in _rows(
+        database, "SELECT algorithm, count(*) FROM model_version GROUP BY 1")}
+
+
+def _kill_train(database: str, inputs: Any, result: Any, before: Any) -> dict[str, int]:
+    # train.tune | registry.register: one new version per algorithm, not one per attempt.
+    return _one_each(_versions_per_algorithm(database), ["popular", "als"])
+
+
+def _kill_registry(database: str, inputs: Any, result: Any, before: Any) -> dict[str, int]:
+    return _one_each(_versions_per_algorithm(database), [t["algorithm"] for t in inputs])
+
+
+def _kill_eval(database: str, inputs: Any, result: Any, before: Any) -> dict[str, int]:
+    """Each version's figures stored once, as the completed task returned them; no version
+    or alias change made besides (a second effect would be one of those)."""
+    stored = _metrics(database)
+    returned = {m["version"]: m["metrics"] for m in result["models"]}
+    made = {version: int(all(stored[version].get(key) == value
+                             for key, value in returned[version].items()))
+            for version in returned}
+    extra = (len(stored) - len(before)) + _count(database, "SELECT count(*) FROM alias_change")
+    counts = _one_each(made, list(returned))
+    counts["duplicated"] += extra
+    return counts
+
+
+@dataclass(frozen=True)
+class KillTask:
+    """A task of one worker kind to kill mid-run: what it is sent, what must hold the kill
+    back until it is half done, and how its effect is counted once it completes."""
+
+    task: str
+    workers: tuple[str, ...]  # the worker killed first, then any the task's chain needs
+    count: Callable[[str, Any, Any, Any], dict[str, int]]
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    then: str | None = None  # a task chained after it (on its own worker)
+    hold: Callable[[str, Any], Hold] | None = None
+    half_done: Callable[[str, Any, Any], bool] | None = None
+
+
+KILL_TASKS: dict[str, KillTask] = {
+    "ingest": KillTask("ingest.load", ("ingest",), lambda db, *_: _one_each(
+        {"batch": _count(db, "SELECT count(*) FROM ingest_batch")}, ["batch"])),
+    "transform": KillTask("transform.snapshot", ("transform",), lambda db, *_: _one_each(
+        {"snapshot": _count(db, "SELECT count(*) FROM snapshot")}, ["snapshot"])),
+    "train": KillTask("train.tune", ("train", "registry"), _kill_train,
+                      kwargs={"algorithms": ["popular", "als"], "n_trials": 4},
+                      then="registry.register"),
+    "registry": KillTask("registry.register", ("registry",), _kill_registry,
+                         hold=_registry_hold,
+                         half_done=lambda db, inputs, before: _count(
+                             db, "SELECT count(*) FROM model_version") >= 1),
+    "eval": KillTask("eval.offline", ("eval",), _kill_eval, hold=_eval_hold,
+                     half_done=lambda db, inputs, before:
+                     _metrics(db)[inputs[0]["version"]] != before[inputs[0]["version"]]),
 }
 
 
 def worker_killed_mid_task(admin_url: str, redis_url: str, service: str = "ingest",
                            data: Path = DEFAULT_DATA) -> dict[str, Any]:
     """SIGKILL the pool process of a `service` worker while its task runs: the task must
-    be redelivered and complete once (one batch or snapshot, never two)."""
+    be redelivered and complete once (one batch, snapshot, version per algorithm, set of
+    figures: never two)."""
     from celery import Celery
 
-    task, count_sql = KILL_TASKS[service]
+    kill = KILL_TASKS[service]
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chaos-")))
         broker = stack.enter_context(private_rabbitmq())
         database = str(stack.enter_context(scratch_database(admin_url, "chaos")))
         env = base_env(work, DATABASE_URL=database, BROKER_URL=broker.url, REDIS_URL=redis_url,
-                       DATA_SOURCE=str(data))
+                       DATA_SOURCE=str(data), TUNE_WORKERS="1")
         embedded = {k: v for k, v in env.items() if k not in ("BROKER_URL", "REDIS_URL")}
         run([*recsys(), "db", "upgrade"], embedded)
         if service != "ingest":
             run([*recsys(), "ingest", "--source", str(data)], embedded)
+        if service not in ("ingest", "transform"):
+            run([*recsys(), "pipeline", "--stages", "transform"], embedded)
+        inputs = (json.loads(run([sys.executable, "-c", SETUP_SNIPPETS[service]],
+                                 embedded).splitlines()[-1])
+                  if service in SETUP_SNIPPETS else None)
+        before = _metrics(database)
         log = work / f"{service}.log"
-        stack.enter_context(process([*recsys(), "worker", service], env, log))
-        wait_until(lambda: " ready." in log.read_text(errors="replace"), 90,
-                   f"the {service} worker to be ready")
+        for name in kill.workers:
+            stack.enter_context(process([*recsys(), "worker", name], env, work / f"{name}.log"))
+        for name in kill.workers:
+            worker_log = work / f"{name}.log"
+            wait_until(lambda: " ready." in worker_log.read_text(errors="replace"),  # noqa: B023
+                       90, f"the {name} worker to be ready")
+        hold = kill.hold(database, inputs) if kill.hold else None
+        if hold is not None:
+            stack.callback(hold.release)
         client = Celery("chaos", broker=broker.url, backend=redis_url)
         stack.callback(client.close)
-        result = client.send_task(task, kwargs={}, queue=service)
+        args = () if inputs is None else (inputs,)
+        signature = client.signature(kill.task, args=args, kwargs=dict(kill.kwargs),
+                                     queue=service)
+        if kill.then:
+            signature = signature | client.signature(kill.then,
+                                                     queue=kill.then.split(".")[0])
+        result = signature.apply_async()
+        killed_id = result.parent.id if kill.then else result.id
 
         def active() -> dict[str, Any] | None:
             replies = client.control.inspect(timeout=0.5, limit=1).active() or {}
             return next((t for tasks in replies.values() for t in tasks or []
-                         if t["id"] == result.id), None)
+                         if t["id"] == killed_id), None)
 
         running = None
         deadline = time.monotonic() + 120
         while running is None and time.monotonic() < deadline:
             running = active()
         if running is None:
-            raise TimeoutError(f"{task} never ran on the {service} worker")
+            raise TimeoutError(f"{kill.task} never ran on the {service} worker")
+        if kill.half_done is not None:
+            wait_until(lambda: kill.half_done(database, inputs, before), 120,
+                       f"{kill.task} to be half done")
         killed = time.monotonic()
         os.kill(int(running["worker_pid"]), signal.SIGKILL)
-        wait_until(lambda: result.state == "SUCCESS", 300, f"{task} to complete after the kill")
+        wait_until(lambda: "WorkerLostError" in log.read_text(errors="replace")
+                   or "signal 9" in log.read_text(errors="replace"), 30,
+                   f"the {service} worker to report its pool process lost")
+        if hold is not None:
+            hold.release()
+        wait_until(lambda: result.state == "SUCCESS", 300,
+                   f"{kill.task} to complete after the kill")
         recovered = time.monotonic() - killed
-        made = _count(database, count_sql)
-        lost_worker = "WorkerLostError" in log.read_text(errors="replace") or \
-            "signal 9" in log.read_text(errors="replace")
-        return {"sent": 1, "accepted": 1, "persisted": min(made, 1), "lost": int(made == 0),
-                "duplicated": max(made - 1, 0), "5xx": 0, "connection_errors": 0,
-                "outage_s": round(recovered, 2), "worker_lost_logged": lost_worker}
+        counts = kill.count(database, inputs, result.get(timeout=10), before)
+        text = log.read_text(errors="replace")
+        return {"sent": 1, "accepted": 1, **counts, "5xx": 0, "connection_errors": 0,
+                "outage_s": round(recovered, 2),
+                "worker_lost_logged": "WorkerLostError" in text or "signal 9" in text}
 
 
-def ingest_worker_killed(admin_url: str, redis_url: str, data: Path = DEFAULT_DATA
-                         ) -> dict[str, Any]:
-    """kill -9 of the ingest worker's pool process during a load of ml-100k."""
-    return worker_killed_mid_task(admin_url, redis_url, "ingest", data)
+def worker_killed(service: str) -> Callable[..., dict[str, Any]]:
+    """The scenario of kill -9 of `service`'s worker pool process mid-task."""
+    def scenario(admin_url: str, redis_url: str, data: Path = DEFAULT_DATA) -> dict[str, Any]:
+        return worker_killed_mid_task(admin_url, redis_url, service, data)
+
+    scenario.__doc__ = f"kill -9 of the {service} worker's pool process mid-task"
+    return scenario
 
 
-def transform_worker_killed(admin_url: str, redis_url: str, data: Path = DEFAULT_DATA
-                            ) -> dict[str, Any]:
-    """kill -9 of the transform worker's pool process while it builds a snapshot."""
-    return worker_killed_mid_task(admin_url, redis_url, "transform", data)
+STACK_WORKERS = ("ingest", "transform", "train", "registry", "eval")
+KEPT_TABLES = ("movie", "rating", "snapshot", "model_version", "model_alias", "alias_change")
+
+
+@contextmanager
+def stack_processes(env: Mapping[str, str], logs: Path) -> Iterator[str]:
+    """Serve and one worker per service queue (the app services of `recsys stack`), ready;
+    stopped on exit. Yields serve's URL."""
+    with ExitStack() as stack:
+        for name in STACK_WORKERS:
+            stack.enter_context(process([*recsys(), "worker", name], env,
+                                        logs / f"{name}.log"))
+        for name in STACK_WORKERS:
+            log = logs / f"{name}.log"
+            wait_until(lambda: " ready." in log.read_text(errors="replace"),  # noqa: B023
+                       120, f"the {name} worker to be ready")
+        yield stack.enter_context(serve(env, logs / "serve.log"))
+
+
+def _kept_rows(database_url: str) -> dict[str, int]:
+    return {table: _count(database_url, f"SELECT count(*) FROM {table}")  # noqa: S608
+            for table in KEPT_TABLES}
+
+
+def _champion_served(url: str) -> int | None:
+    """The version serve answers a user's list with, None while it cannot."""
+    try:
+        response = httpx.get(f"{url}/recommendations/1", params={"k": 5},
+                             headers={"X-API-Key": API_KEY}, timeout=10)
+    except httpx.HTTPError:
+        return None
+    return int(response.json()["model_version"]) if response.status_code == 200 else None
+
+
+def whole_stack_down_up(admin_url: str, redis_url: str, steady: float = 2.0,
+                        data: Path = DEFAULT_DATA) -> dict[str, Any]:
+    """Feedback to a stack with a champion, then everything stopped (serve, the workers,
+    Postgres, RabbitMQ, Redis: private servers here) and started again on the same data:
+    every row kept, every accepted event stored once, the same champion served."""
+    del admin_url, redis_url  # every server is private here: all of them stop
+    with ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chaos-")))
+        postgres = stack.enter_context(private_postgres())
+        broker = stack.enter_context(private_rabbitmq())
+        cache = stack.enter_context(private_redis())
+        env = base_env(work, DATABASE_URL=postgres.url, BROKER_URL=broker.url,
+                       REDIS_URL=cache.url)
+        build_champion(env, data)
+        champion = _versions(postgres.url)["champion"]
+        with stack_processes(env, work / "logs-1") as url:
+            served_before = _champion_served(url)
+            with Load(post_feedback(url)) as load:
+                time.sleep(steady)
+            kept_before = _kept_rows(postgres.url)
+            down = time.monotonic()
+        # Down without waiting for the feedback to drain: what serve accepted and has not
+        # stored yet waits in its outbox or on the broker's durable queue.
+        for server in (cache, broker, postgres):
+            server.stop()
+        for server in (postgres, broker, cache):
+            server.start()
+        with stack_processes(env, work / "logs-2") as url:
+            wait_until(lambda: _champion_served(url) is not None, 120,
+                       "serve to answer with a model again")
+            outage_s = time.monotonic() - down
+            served_after = _champion_served(url)
+            counts = drained_counts(load, postgres.url, outage_s, timeout=180)
+            kept_after = _kept_rows(postgres.url)
+        changed = [table for table in KEPT_TABLES if kept_after[table] != kept_before[table]]
+        return {**counts, "champion": champion, "served_before": served_before,
+                "served_after": served_after, "rows_changed": changed,
+                "rows_before": kept_before, "rows_after": kept_after}
 
 
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -542,8 +763,8 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "recommendations_redis_restart": recommendations_redis_restart,
     "malformed_requests": malformed_requests,
     "hot_swap_under_load": hot_swap_under_load,
-    "ingest_worker_killed": ingest_worker_killed,
-    "transform_worker_killed": transform_worker_killed,
+    **{f"{service}_worker_killed": worker_killed(service) for service in KILL_TASKS},
+    "whole_stack_down_up": whole_stack_down_up,
 }
 
 

@@ -1,7 +1,7 @@
 """POST /feedback through a RabbitMQ outage: is every accepted event stored exactly once?
 
 In one run, loopback only, against the machine's Postgres and Redis and a private
-RabbitMQ node of the run's own (tests/chaos/broker.py: its own name, ports and data
+RabbitMQ node of the run's own (tests/servers.py: its own name, ports and data
 directory, so the shared broker is never touched):
 
 1. setup (not timed): a scratch database, migrated; ml-100k ingested, snapshotted, ALS
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         start_ingest_worker,
         wait_serving,
     )
-    from tests.chaos.broker import PrivateBroker
+    from tests.servers import private_rabbitmq
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--outage", type=float, default=30.0, help="seconds the broker is down")
@@ -245,49 +245,47 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"ml-100k not found at {args.ml100k}; pass --ml100k")
     folder = Path(tempfile.mkdtemp(prefix="bench-outage-", dir=args.workdir))
     tag = f"outage-{secrets.token_hex(4)}"
-    broker = PrivateBroker()
     children = []
-    try:
-        broker.start()
-        print(f"private RabbitMQ {broker.node} on 127.0.0.1:{broker.port}")
-        with scratch_database(args.database_url, "outage") as database:
-            url = database.render_as_string(hide_password=False)
-            env = {"DATABASE_URL": url, "BROKER_URL": broker.url, "REDIS_URL": args.redis_url,
-                   "MODEL_PATH": str(folder / "models"), "DATA_PATH": str(folder / "data"),
-                   "API_KEY": API_KEY, "CACHE_PREFIX": f"bout{secrets.token_hex(4)}",
-                   "TRAIN_THREADS": "2", "MODEL_VERSION": "latest",
-                   "ENVIRONMENT": "development", "MODEL_POLL_SECONDS": "0"}
-            configure_environment(env)
-            child_env = {**os.environ, **env}
-            child_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-            migrate(database, folder)
-            built = build_ml100k(args.ml100k, 16, 3)
-            worker = start_ingest_worker(child_env, folder, 1, 60.0)
-            children.append(worker)
-            port = free_port()
-            base = f"http://{HOST}:{port}"
-            serve = start_child("serve", [*recsys_command(), "serve", "--host", HOST, "--port",
-                                          str(port), "--workers", str(args.workers),
-                                          "--log-level", "warning"], child_env, folder)
-            children.append(serve)
-            wait_serving(base, built.version, serve)
-            print(f"serve {base} ({args.workers} workers), {args.connections} clients x "
-                  f"{args.events} events; outage {args.outage:.0f} s after {args.before:.0f} s")
-            sender = FeedbackSender(base, API_KEY, tag, args.connections, args.events,
-                                    args.max_requests)
-            attempts, outage = run_outage(sender, broker, args.before, args.outage, args.after)
-            accepted = len({i for a in attempts if a.status == 202 for i in a.event_ids})
-            rows = wait_drained(url, tag, accepted, args.drain_timeout)
-            figures = outage_figures(attempts, rows, outage)
-            figures["outbox_events"] = outbox_events(base)
-            for key, value in figures.items():
-                print(f"{key:>16}: {value}")
-            print(json.dumps(figures))
-            return 0 if figures["lost"] == 0 and figures["duplicated"] == 0 else 1
-    finally:
-        for child in reversed(children):
-            child.stop()
-        broker.close()
+    with private_rabbitmq() as broker:
+        try:
+            print(f"private RabbitMQ {broker.node} on 127.0.0.1:{broker.port}")
+            with scratch_database(args.database_url, "outage") as database:
+                url = database.render_as_string(hide_password=False)
+                env = {"DATABASE_URL": url, "BROKER_URL": broker.url, "REDIS_URL": args.redis_url,
+                       "MODEL_PATH": str(folder / "models"), "DATA_PATH": str(folder / "data"),
+                       "API_KEY": API_KEY, "CACHE_PREFIX": f"bout{secrets.token_hex(4)}",
+                       "TRAIN_THREADS": "2", "MODEL_VERSION": "latest",
+                       "ENVIRONMENT": "development", "MODEL_POLL_SECONDS": "0"}
+                configure_environment(env)
+                child_env = {**os.environ, **env}
+                child_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+                migrate(database, folder)
+                built = build_ml100k(args.ml100k, 16, 3)
+                worker = start_ingest_worker(child_env, folder, 1, 60.0)
+                children.append(worker)
+                port = free_port()
+                base = f"http://{HOST}:{port}"
+                serve = start_child("serve", [*recsys_command(), "serve", "--host", HOST, "--port",
+                                              str(port), "--workers", str(args.workers),
+                                              "--log-level", "warning"], child_env, folder)
+                children.append(serve)
+                wait_serving(base, built.version, serve)
+                print(f"serve {base} ({args.workers} workers), {args.connections} clients x "
+                      f"{args.events} events; outage {args.outage:.0f} s after {args.before:.0f} s")
+                sender = FeedbackSender(base, API_KEY, tag, args.connections, args.events,
+                                        args.max_requests)
+                attempts, outage = run_outage(sender, broker, args.before, args.outage, args.after)
+                accepted = len({i for a in attempts if a.status == 202 for i in a.event_ids})
+                rows = wait_drained(url, tag, accepted, args.drain_timeout)
+                figures = outage_figures(attempts, rows, outage)
+                figures["outbox_events"] = outbox_events(base)
+                for key, value in figures.items():
+                    print(f"{key:>16}: {value}")
+                print(json.dumps(figures))
+                return 0 if figures["lost"] == 0 and figures["duplicated"] == 0 else 1
+        finally:
+            for child in reversed(children):
+                child.stop()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.chaos.broker import PrivateBroker
+from tests.servers import PrivateRabbitMQ, private_rabbitmq, rabbitmq_available
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -239,17 +239,11 @@ def purge_service_queues() -> None:
 
 
 @pytest.fixture
-def private_broker() -> Iterator[PrivateBroker]:
-    """A RabbitMQ node of this test's own (see tests/chaos/broker.py), started, yielded as
-    the `PrivateBroker` (`.url`, `.stop()`, `.start()`), shut down and removed after."""
-    from tests.chaos.broker import rabbitmq_available
-
+def private_broker() -> Iterator[PrivateRabbitMQ]:
+    """A RabbitMQ node of this test's own (see tests/servers.py), started, yielded as the
+    `PrivateRabbitMQ` (`.url`, `.stop()`, `.start()`), shut down and removed after."""
     if not rabbitmq_available():
         pytest.fail("rabbitmq-server is not installed; outage tests need one of their own",
                     pytrace=False)
-    broker = PrivateBroker()
-    try:
-        broker.start()
+    with private_rabbitmq() as broker:
         yield broker
-    finally:
-        broker.close()

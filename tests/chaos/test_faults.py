@@ -1,7 +1,8 @@
 """Fault scenarios on the real services (bench/chaos.py's functions at a small size): a
-broker, database or cache restart under load, and malformed requests. Every outage is of a
-private server the scenario starts; the product's promise is no accepted event lost or
-stored twice and no 5xx answer."""
+broker, database or cache restart under load, malformed requests, a hot swap under load,
+kill -9 of each worker kind mid-task, and the whole stack down and up. Every outage is of a
+private server the scenario starts (tests/servers.py); the product's promise is no accepted
+event lost or stored twice and no 5xx answer."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from bench.chaos import (
     hot_swap_under_load,
     malformed_requests,
     recommendations_redis_restart,
+    whole_stack_down_up,
     worker_killed_mid_task,
 )
 
@@ -80,12 +82,30 @@ def test_hot_swap_under_load(service_urls: dict[str, str], ml100k: Path) -> None
     assert counts["5xx"] == 0, counts
 
 
-@pytest.mark.parametrize("service", ["ingest", "transform"])
+# What each kind's task must leave exactly one of: a batch, a snapshot, a version of each of
+# the two algorithms trained (train.tune chained to registry.register), registered, or
+# evaluated (their figures stored once, as the completed task returned them).
+EFFECTS = {"ingest": 1, "transform": 1, "train": 2, "registry": 2, "eval": 2}
+
+
+@pytest.mark.parametrize("service", list(EFFECTS))
 def test_worker_killed_mid_task_completes_once(service: str, service_urls: dict[str, str],
                                                ml100k: Path) -> None:
     counts = worker_killed_mid_task(service_urls["postgres"], service_urls["redis"], service,
                                     data=ml100k)
     report(f"{service}_worker_killed", counts)
     assert counts["worker_lost_logged"], counts  # the pool process really died mid-task
-    assert counts["persisted"] == 1 and counts["lost"] == 0, counts
-    assert counts["duplicated"] == 0, counts  # one batch or snapshot, not two
+    assert counts["persisted"] == EFFECTS[service] and counts["lost"] == 0, counts
+    assert counts["duplicated"] == 0, counts  # one of each, not two
+
+
+def test_whole_stack_down_and_up_keeps_everything(service_urls: dict[str, str],
+                                                  ml100k: Path) -> None:
+    counts = whole_stack_down_up(service_urls["postgres"], service_urls["redis"], data=ml100k)
+    report("whole_stack_down_up", counts)
+    assert counts["rows_before"]["rating"] > 0 and counts["rows_before"]["model_alias"] > 0
+    assert counts["rows_changed"] == [], counts  # ratings, versions, aliases all kept
+    assert counts["persisted"] == counts["accepted"], counts
+    assert counts["served_before"] == counts["served_after"] == counts["champion"], counts
+    assert counts["outage_s"] > 0
+    assert_promise(counts)

@@ -7,7 +7,7 @@ import pytest
 import redis
 from kombu import Connection
 
-from tests.chaos.servers import port_open, private_postgres, private_rabbitmq, private_redis
+from tests.servers import port_open, private_postgres, private_rabbitmq, private_redis
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 

@@ -31,7 +31,7 @@ from shared.db import (
 from shared.events import PikaEventBus
 from shared.retrain import acquire_lock, release_lock
 from tests.conftest import recsys_command, wait_for
-from tests.eval.private_servers import (
+from tests.servers import (
     PrivatePostgres,
     PrivateRabbitMQ,
     private_postgres,

@@ -1,9 +1,11 @@
 """Fixtures for serve: a registry with trained ml-100k models, the app, a live server, and
-switches that stop and restart the real Redis and Postgres.
+private Redis and Postgres servers a test may stop and start (tests/servers.py; the
+shared servers are never stopped).
 
 The models are built once per session into a template database; each test gets its own
-copy (CREATE DATABASE ... TEMPLATE), so tests may promote, post feedback and stop servers
-without seeing each other. Artifacts are content-addressed and read-only, so shared.
+copy (CREATE DATABASE ... TEMPLATE, or a dump restored into a private cluster), so tests
+may promote, post feedback and stop servers without seeing each other. Artifacts are
+content-addressed and read-only, so shared.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,16 +29,13 @@ from sqlalchemy.engine import make_url
 from tests.conftest import (
     _admin_dsn,
     _reset_settings,
-    port_open,
     purge_service_queues,
     recsys_command,
     wait_for,
 )
+from tests.servers import PrivatePostgres, PrivateRedis, private_postgres, private_redis
 
 API_KEY = "serve-test-key"
-REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port",
-               "6379", "--save", "", "--appendonly", "no", "--dir", "/var/lib/redis",
-               "--logfile", "/var/log/redis/ci.log"]
 
 
 @dataclass(frozen=True)
@@ -122,7 +120,6 @@ def serve_db(world: World, service_urls: dict[str, str]) -> Iterator[str]:
     from shared.db.session import engine_for
 
     engine_for(url).dispose()
-    wait_for(lambda: port_open(5432), timeout=60, what="Postgres to answer before cleanup")
     _drop_or_create(service_urls["postgres"], f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -138,15 +135,56 @@ def serve_env(use_settings, serve_db: str, broker_url: str, redis_url: str,  # t
     return env
 
 
-@pytest.fixture
-def client(serve_env: dict[str, str]) -> Iterator[TestClient]:
-    """The app in-process (its lifespan runs: model loaded, listener subscribed)."""
+@contextmanager
+def app_client() -> Iterator[TestClient]:
+    """The app in-process on the settings in force (its lifespan runs: model loaded,
+    listener subscribed)."""
     from services.serve.app import create_app
 
     with TestClient(create_app(), headers={"X-API-Key": API_KEY}) as test_client:
         wait_for(lambda: test_client.app.state.runtime.listener.subscribed.is_set(),
                  timeout=20, what="the model.promoted listener to subscribe")
         yield test_client
+
+
+@pytest.fixture
+def client(serve_env: dict[str, str]) -> Iterator[TestClient]:
+    """The app in-process (its lifespan runs: model loaded, listener subscribed)."""
+    with app_client() as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def private_cache(serve_env: dict[str, str], use_settings  # type: ignore[no-untyped-def]
+                  ) -> Iterator[tuple[dict[str, str], PrivateRedis]]:
+    """serve_env on a Redis of this test's own, which the test may stop and start."""
+    with private_redis() as cache:
+        env = {**serve_env, "REDIS_URL": cache.url}
+        use_settings(**env)
+        yield env, cache
+
+
+@pytest.fixture
+def private_database(serve_env: dict[str, str], world: World, service_urls: dict[str, str],
+                     use_settings  # type: ignore[no-untyped-def]
+                     ) -> Iterator[tuple[dict[str, str], PrivatePostgres]]:
+    """serve_env on a Postgres cluster of this test's own holding a copy of the world's
+    database (pg_dump of the template, restored), which the test may stop and start."""
+    from shared.db.session import engine_for
+
+    with private_postgres() as postgres:
+        source = make_url(service_urls["postgres"])
+        dump = subprocess.run(
+            ["pg_dump", "--no-owner", "-h", source.host or "127.0.0.1",
+             "-p", str(source.port or 5432), "-U", source.username or "postgres",
+             "-d", world.template], capture_output=True, check=True, timeout=300)
+        subprocess.run(["psql", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
+                        "-p", str(postgres.port), "-U", "postgres", "-d", "postgres"],
+                       input=dump.stdout, capture_output=True, check=True, timeout=300)
+        env = {**serve_env, "DATABASE_URL": postgres.url}
+        use_settings(**env)
+        yield env, postgres
+        engine_for(postgres.url).dispose()
 
 
 def free_port() -> int:
@@ -169,39 +207,6 @@ def live_server(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
-
-
-@contextmanager
-def redis_stopped() -> Iterator[None]:
-    """Redis shut down for the block, restarted (and answering) afterwards, whatever happens."""
-    subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], capture_output=True)
-    try:
-        wait_for(lambda: not port_open(6379), timeout=20, what="Redis to stop")
-        yield
-    finally:
-        if not port_open(6379):
-            subprocess.run(REDIS_START, check=False, capture_output=True)
-        wait_for(lambda: port_open(6379), timeout=30, what="Redis to restart")
-
-
-def _pg_cluster(action: str) -> None:
-    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
-                   check=False, capture_output=True, timeout=120)
-
-
-@contextmanager
-def postgres_stopped() -> Iterator[None]:
-    """Postgres stopped for the block, restarted (and answering) afterwards, whatever happens."""
-    _pg_cluster("stop")
-    try:
-        wait_for(lambda: not port_open(5432), timeout=60, what="Postgres to stop")
-        yield
-    finally:
-        if not port_open(5432):
-            _pg_cluster("start")
-        wait_for(lambda: port_open(5432), timeout=60, what="Postgres to restart")
-        time.sleep(0.5)  # accepting TCP slightly before accepting logins
 
 
 def genres_of(world: World, movie_id: int) -> set[str]:

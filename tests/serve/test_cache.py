@@ -10,7 +10,8 @@ from prometheus_client import REGISTRY
 
 from services.registry import registry
 from tests.conftest import wait_for
-from tests.serve.conftest import World, redis_stopped
+from tests.serve.conftest import World, app_client
+from tests.servers import PrivateRedis, stopped
 
 
 def cache_count(result: str) -> float:
@@ -97,31 +98,33 @@ def test_a_new_version_never_serves_the_old_versions_lists(
     assert any(f":v{wide}:".encode() in key for key in user_keys(serve_env, 20))
 
 
-def test_redis_stopped_mid_test_answers_without_errors(client: TestClient,
-                                                       serve_env: dict[str, str]) -> None:
-    users = [30, 31, 32, 999_999]
-    expected = {u: items(client.get(f"/recommendations/{u}").json()) for u in users}
-    errors = cache_count("error")
-    with redis_stopped():
-        for _ in range(5):
-            for user in users:
-                response = client.get(f"/recommendations/{user}")
-                assert response.status_code == 200, response.text
-                assert items(response.json()) == expected[user]
-        assert client.get("/popular").status_code == 200
-        assert client.get("/items/1/similar").status_code == 200
-        posted = client.post("/feedback", json={"user_id": 30, "movie_id": expected[30][0],
-                                                "type": "view"})
-        assert posted.status_code == 202  # feedback never depends on Redis
-        ready = client.get("/readyz")
-        assert ready.status_code == 200 and ready.json()["status"] == "degraded"
-        assert not ready.json()["dependencies"]["cache"]["ok"]
-        assert cache_count("error") > errors
-    assert client.get("/readyz").json()["status"] == "ready"  # the ping closes the breaker
-    hits = cache_count("hit")
-    client.get("/recommendations/31", params={"k": 4})
-    client.get("/recommendations/31", params={"k": 4})
-    assert cache_count("hit") == hits + 1  # caching again once Redis is back
+def test_redis_stopped_mid_test_answers_without_errors(
+        private_cache: tuple[dict[str, str], PrivateRedis]) -> None:
+    _env, cache = private_cache
+    with app_client() as client:
+        users = [30, 31, 32, 999_999]
+        expected = {u: items(client.get(f"/recommendations/{u}").json()) for u in users}
+        errors = cache_count("error")
+        with stopped(cache):  # a Redis of this test's own: the shared one is never stopped
+            for _ in range(5):
+                for user in users:
+                    response = client.get(f"/recommendations/{user}")
+                    assert response.status_code == 200, response.text
+                    assert items(response.json()) == expected[user]
+            assert client.get("/popular").status_code == 200
+            assert client.get("/items/1/similar").status_code == 200
+            posted = client.post("/feedback", json={"user_id": 30, "movie_id": expected[30][0],
+                                                    "type": "view"})
+            assert posted.status_code == 202  # feedback never depends on Redis
+            ready = client.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+            assert not ready.json()["dependencies"]["cache"]["ok"]
+            assert cache_count("error") > errors
+        assert client.get("/readyz").json()["status"] == "ready"  # the ping closes the breaker
+        hits = cache_count("hit")
+        client.get("/recommendations/31", params={"k": 4})
+        client.get("/recommendations/31", params={"k": 4})
+        assert cache_count("hit") == hits + 1  # caching again once Redis is back
 
 
 def test_slow_redis_costs_a_socket_timeout_not_an_error(client: TestClient,

@@ -1,4 +1,5 @@
-"""Accepted feedback survives outages. Postgres down: it waits on RabbitMQ for a real
+"""Accepted feedback survives outages, of servers of the test's own (tests/servers.py).
+Postgres down (a private cluster, stopped and started): it waits on RabbitMQ for a real
 ingest worker, which stores it once Postgres is back; serve keeps answering meanwhile.
 RabbitMQ down (a private node, stopped and started): it waits in serve's outbox, shipped
 when the broker is back, also by a restarted serve. Either way each event is stored once,
@@ -24,16 +25,16 @@ from services.serve.app import create_app
 from services.serve.outbox import OUTBOX_FILE
 from shared.db.session import engine_for
 from shared.settings import get_settings
-from tests.chaos.broker import PrivateBroker
 from tests.conftest import ROOT, wait_for
 from tests.serve.conftest import (
     API_KEY,
+    app_client,
     celery_worker,
     live_server,
-    postgres_stopped,
     serve_process,
     worker_log,
 )
+from tests.servers import PrivatePostgres, PrivateRabbitMQ, stopped
 
 if str(ROOT) not in sys.path:  # `bench` is a folder of scripts, not an installed package
     sys.path.insert(0, str(ROOT))
@@ -75,49 +76,51 @@ def stored(url: str, sql: str, **params: object) -> list[tuple]:
 
 
 @pytest.mark.timeout(400)
-def test_feedback_accepted_while_postgres_is_down(client: TestClient,
-                                                 ingest_worker: subprocess.Popen,
-                                                 serve_db: str) -> None:
-    before = client.get("/recommendations/7", params={"k": 5}).json()
-    with postgres_stopped():
-        # Answered from the model's snapshot (its test-split ratings are not known then).
-        during = client.get("/recommendations/7", params={"k": 5, "offset": 1})
-        assert during.status_code == 200 and len(during.json()["items"]) == 5
-        assert during.json()["source"] == "model"
-        cold = client.get("/recommendations/654321")
-        assert cold.status_code == 200 and cold.json()["source"] == "popular"
-        ready = client.get("/readyz").json()
-        assert ready["status"] == "degraded" and not ready["dependencies"]["database"]["ok"]
-        posted = client.post("/feedback", json=[
-            {"user_id": 7, "movie_id": 1, "type": "rating", "value": 4.0,
-             "request_id": before["request_id"]},
-            {"user_id": 654321, "movie_id": 50, "type": "watch"}])
-        assert posted.status_code == 202, posted.text
-        event_ids = posted.json()["event_ids"]
-    rows = wait_or_show_log(ingest_worker, lambda: stored(
-        serve_db, "SELECT event_id, user_id, movie_id, type, value, request_id FROM feedback "
-        "ORDER BY user_id"), "the feedback to reach Postgres", timeout=180)
-    assert rows == [(event_ids[0], 7, 1, "rating", 4.0, before["request_id"]),
-                    (event_ids[1], 654321, 50, "watch", None, None)]
-    # Postgres is back: misses read histories again (new connections in serve's pool).
-    offsets = iter(range(3, 1000))  # a new list each time: a miss, so a history read
+def test_feedback_accepted_while_postgres_is_down(
+        private_database: tuple[dict[str, str], PrivatePostgres], tmp_path: Path) -> None:
+    env, postgres = private_database
+    serve_db = env["DATABASE_URL"]
+    with app_client() as client, celery_worker("ingest", env, tmp_path) as ingest_worker:
+        before = client.get("/recommendations/7", params={"k": 5}).json()
+        with stopped(postgres):  # the test's own cluster, never the shared one
+            # Answered from the model's snapshot (its test-split ratings are not known then).
+            during = client.get("/recommendations/7", params={"k": 5, "offset": 1})
+            assert during.status_code == 200 and len(during.json()["items"]) == 5
+            assert during.json()["source"] == "model"
+            cold = client.get("/recommendations/654321")
+            assert cold.status_code == 200 and cold.json()["source"] == "popular"
+            ready = client.get("/readyz").json()
+            assert ready["status"] == "degraded" and not ready["dependencies"]["database"]["ok"]
+            posted = client.post("/feedback", json=[
+                {"user_id": 7, "movie_id": 1, "type": "rating", "value": 4.0,
+                 "request_id": before["request_id"]},
+                {"user_id": 654321, "movie_id": 50, "type": "watch"}])
+            assert posted.status_code == 202, posted.text
+            event_ids = posted.json()["event_ids"]
+        rows = wait_or_show_log(ingest_worker, lambda: stored(
+            serve_db, "SELECT event_id, user_id, movie_id, type, value, request_id FROM feedback "
+            "ORDER BY user_id"), "the feedback to reach Postgres", timeout=180)
+        assert rows == [(event_ids[0], 7, 1, "rating", 4.0, before["request_id"]),
+                        (event_ids[1], 654321, 50, "watch", None, None)]
+        # Postgres is back: misses read histories again (new connections in serve's pool).
+        offsets = iter(range(3, 1000))  # a new list each time: a miss, so a history read
 
-    def reads_history_again() -> bool:
-        count = degraded_reads()
-        response = client.get("/recommendations/7", params={"k": 5, "offset": next(offsets)})
-        return response.status_code == 200 and degraded_reads() == count
+        def reads_history_again() -> bool:
+            count = degraded_reads()
+            response = client.get("/recommendations/7", params={"k": 5, "offset": next(offsets)})
+            return response.status_code == 200 and degraded_reads() == count
 
-    wait_for(reads_history_again, timeout=60, what="history reads to succeed again")
-    # The impressions of the lists served (before, during and after the outage) land too.
-    impressions = wait_or_show_log(ingest_worker, lambda: stored(
-        serve_db, "SELECT request_id, user_id, movie_id, position, model_version, variant, "
-        "source FROM impression WHERE request_id = :r ORDER BY position",
-        r=before["request_id"]), "the impressions to reach Postgres", timeout=60)
-    assert impressions == [(before["request_id"], 7, item["movie_id"], position, 1, "champion",
-                            "model") for position, item in enumerate(before["items"], 1)]
-    wait_or_show_log(ingest_worker, lambda: stored(
-        serve_db, "SELECT count(DISTINCT request_id) FROM impression WHERE user_id = 654321")
-        == [(1,)], "the impression served during the outage", timeout=60)
+        wait_for(reads_history_again, timeout=60, what="history reads to succeed again")
+        # The impressions of the lists served (before, during and after the outage) land too.
+        impressions = wait_or_show_log(ingest_worker, lambda: stored(
+            serve_db, "SELECT request_id, user_id, movie_id, position, model_version, variant, "
+            "source FROM impression WHERE request_id = :r ORDER BY position",
+            r=before["request_id"]), "the impressions to reach Postgres", timeout=60)
+        assert impressions == [(before["request_id"], 7, item["movie_id"], position, 1, "champion",
+                                "model") for position, item in enumerate(before["items"], 1)]
+        wait_or_show_log(ingest_worker, lambda: stored(
+            serve_db, "SELECT count(DISTINCT request_id) FROM impression WHERE user_id = 654321")
+            == [(1,)], "the impression served during the outage", timeout=60)
 
 
 def task_runs(worker: subprocess.Popen, task: str) -> int:
@@ -158,7 +161,7 @@ def outbox_size(data_path: Path) -> int:
 @pytest.mark.timeout(300)
 def test_a_restarted_serve_ships_what_its_outbox_holds(serve_env: dict[str, str],
                                                       use_settings,  # type: ignore[no-untyped-def]
-                                                      private_broker: PrivateBroker,
+                                                      private_broker: PrivateRabbitMQ,
                                                       serve_db: str, tmp_path: Path) -> None:
     """Feedback accepted while the broker is down waits in the outbox, already excluded
     from the user's lists; serve stops; the broker returns; the next serve ships it."""
@@ -194,7 +197,7 @@ def test_a_restarted_serve_ships_what_its_outbox_holds(serve_env: dict[str, str]
 @pytest.mark.timeout(600)
 def test_feedback_accepted_through_a_broker_outage(serve_env: dict[str, str],
                                                   use_settings,  # type: ignore[no-untyped-def]
-                                                  private_broker: PrivateBroker,
+                                                  private_broker: PrivateRabbitMQ,
                                                   serve_db: str, tmp_path: Path) -> None:
     """Clients post continuously to a two-worker serve while its RabbitMQ is stopped and
     started: every request is answered 202, and every event is stored exactly once."""

@@ -1,8 +1,11 @@
-"""Private Redis, Postgres and RabbitMQ servers for fault scenarios.
+"""Private Redis, Postgres and RabbitMQ servers for outage tests and fault scenarios.
 
-Each server runs on a free loopback port with its data in a temporary directory of its
-own, so stopping it (the fault) touches nothing else on the machine. Every server is a
+The shared servers on 5432, 5672 and 6379 serve every other test at the same time, so a
+test that stops a server stops one of these: each runs on a free loopback port with its
+data in a temporary directory of its own, and a restart keeps that data (Postgres rows,
+RabbitMQ durable queues; Redis runs without persistence, as a cache). Every server is a
 context manager that stops the server and removes its directory on exit, whatever happens.
+The one module for every suite (tests/chaos, tests/eval, tests/serve) and bench/.
 """
 
 from __future__ import annotations
@@ -19,8 +22,32 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 LOOPBACK = "127.0.0.1"
+
+
+def _pg_bin() -> Path:
+    """The newest installed Postgres's binaries (initdb, pg_ctl)."""
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+                      key=lambda path: int(path.parts[-3]))
+    if not versions:
+        raise RuntimeError("no Postgres server binaries under /usr/lib/postgresql")
+    return versions[-1].parent
+
+
+def _as_user(user: str) -> list[str]:
+    """The prefix that runs a server as `user` when running as root (neither server runs
+    as root); nothing otherwise, the server then running as the current user."""
+    return ["runuser", "-u", user, "--"] if os.geteuid() == 0 else []
+
+
+def _give(user: str, *paths: Path) -> None:
+    if os.geteuid() == 0:
+        for path in paths:
+            shutil.chown(path, user, user)
+
+
+def rabbitmq_available() -> bool:
+    return shutil.which("rabbitmq-server") is not None
 
 
 def free_port() -> int:
@@ -94,26 +121,26 @@ class PrivatePostgres:
         self.running = False
 
     def _as_postgres(self, *argv: str, timeout: float = 120) -> None:
-        done = subprocess.run(["runuser", "-u", "postgres", "--", *argv], capture_output=True,
+        done = subprocess.run([*_as_user("postgres"), *argv], capture_output=True,
                               text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
             raise RuntimeError(f"{argv[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
 
     def init(self) -> None:
-        shutil.chown(self.directory, "postgres", "postgres")
-        self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust",
+        _give("postgres", self.directory)
+        self._as_postgres(str(_pg_bin() / "initdb"), "-D", str(self.data), "-A", "trust",
                           "-U", "postgres", "--no-sync")
 
     def start(self) -> None:
         options = (f"-p {self.port} -k {self.directory} -c listen_addresses={LOOPBACK} "
                    "-c fsync=off -c max_connections=60 -c shared_buffers=32MB")
         # pg_ctl start -w returns once the server accepts connections.
-        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", options,
+        self._as_postgres(str(_pg_bin() / "pg_ctl"), "-D", str(self.data), "-o", options,
                           "-l", str(self.directory / "postgres.log"), "-w", "start")
         self.running = True
 
     def stop(self) -> None:
-        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
+        self._as_postgres(str(_pg_bin() / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
                           "stop")
         self.running = False
 
@@ -133,8 +160,7 @@ class PrivateRabbitMQ:
         config = directory / "rabbitmq.conf"
         config.write_text(f"listeners.tcp.default = {LOOPBACK}:{self.port}\n")
         # rabbitmq-server drops root for the rabbitmq user, which must own the directory.
-        for path in (directory, plugins, config):
-            shutil.chown(path, "rabbitmq", "rabbitmq")
+        _give("rabbitmq", directory, plugins, config)
         self.env = {**os.environ, "RABBITMQ_NODENAME": self.node,
                     "RABBITMQ_NODE_PORT": str(self.port),
                     "RABBITMQ_NODE_IP_ADDRESS": LOOPBACK,
@@ -142,7 +168,10 @@ class PrivateRabbitMQ:
                     "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
                     "RABBITMQ_LOG_BASE": str(directory / "log"),
                     "RABBITMQ_ENABLED_PLUGINS_FILE": str(plugins),
-                    "RABBITMQ_CONFIG_FILE": str(config)}
+                    "RABBITMQ_CONFIG_FILE": str(config),
+                    # Not the machine's node settings (rabbitmq-env.conf names its node).
+                    "RABBITMQ_CONF_ENV_FILE": str(directory / "rabbitmq-env.conf")}
+        (directory / "rabbitmq-env.conf").write_text("")
         self._process: subprocess.Popen[bytes] | None = None
 
     def _ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -193,6 +222,17 @@ class PrivateRabbitMQ:
         return self._process is not None and self._process.poll() is None
 
 
+@contextmanager
+def stopped(server: PrivateRedis | PrivatePostgres | PrivateRabbitMQ) -> Iterator[None]:
+    """The server stopped for the block and started again (answering) after, whatever
+    happens in it."""
+    server.stop()
+    try:
+        yield
+    finally:
+        server.start()
+
+
 def _workdir(label: str) -> Path:
     # Under /tmp, not pytest's 0700 tmp_path: the postgres user must reach its directory.
     path = Path(tempfile.mkdtemp(prefix=f"recsys-{label}-"))
@@ -226,7 +266,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
             try:
                 server.stop()
             except (RuntimeError, subprocess.TimeoutExpired):
-                subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"),
+                subprocess.run([*_as_user("postgres"), str(_pg_bin() / "pg_ctl"),
                                 "-D", str(server.data), "-m", "immediate", "stop"],
                                capture_output=True, timeout=60)
         shutil.rmtree(server.directory, ignore_errors=True)
