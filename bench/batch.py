@@ -161,8 +161,9 @@ def main() -> None:
         nnz = int(refs["nnz"])
         # What the batch holds beyond the interpreter: the snapshot's train split (12 bytes
         # an interaction, twice while the CSR is rebuilt), the factors, one chunk's history
-        # (interactions and seen, 24 bytes each), three score blocks of 2**24 float32 cells
-        # and one chunk's rows (k x 32 bytes a user).
+        # (interactions and seen, 24 bytes each), one score block of 2**24 cells ranked in
+        # place (4 bytes a float32 score, 8 its argpartition index) and one chunk's rows
+        # (k x 32 bytes a user).
         per_user = nnz / args.users
         bound = (24 * nnz + 4 * FACTORS * (args.users + args.items) + 24 * per_user * chunk
                  + 3 * 4 * (1 << 24) + 32 * K * chunk) / 2**20

@@ -13,9 +13,10 @@ beside the output (`<output>.parts/`), recorded in a manifest. A rerun with the 
 arguments skips the recorded parts; other arguments discard them and start over. When
 every chunk is written, the parts are combined into the output one at a time.
 
-Memory: the model and snapshot arrays, one chunk's history, one score block (3 x
-SCORE_BLOCK_CELLS x 4 bytes with its masked copy and argpartition indices) and one
-chunk's rows (chunk x k x 32 bytes); combining holds one part at a time.
+Memory: the model and snapshot arrays, one chunk's history, one score block ranked in
+place by serve's `rank_rows` (SCORE_BLOCK_CELLS x 12 bytes: the float32 scores and their
+int64 argpartition indices) and one chunk's rows (chunk x k x 32 bytes); combining holds
+one part at a time.
 """
 
 from __future__ import annotations
