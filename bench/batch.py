@@ -1,7 +1,8 @@
 """Batch recommendations at MovieLens-25M size: every user of a 64-factor model.
 
 Builds a generated snapshot (162,541 users x 59,047 items, 25,000,095 interactions, the
-train split of bench/evaluate.py's generator) and a 64-factor ALS model of the same shape,
+train split of bench/evaluate.py's generator; users and items scale with `--ratings` as
+bench/datagen.py scales ml-25m, unless given) and a 64-factor ALS model of the same shape,
 registered and promoted in an embedded registry (SQLite under a scratch DATA_PATH), then in
 a fresh process each:
 - `recsys recommend`'s domain function over `--users all`, top-10 to Parquet (history
@@ -30,6 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import bare_top_k  # noqa: E402
+from bench.datagen import ML25M_RATINGS, Shape  # noqa: E402
 from bench.evaluate import generate, peak_rss_mb  # noqa: E402
 
 FACTORS = 64
@@ -118,9 +120,11 @@ def run_stage(mode: str, refs: dict[str, str], workdir: Path) -> dict[str, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=162_541)
-    parser.add_argument("--items", type=int, default=59_047)
-    parser.add_argument("--ratings", type=int, default=25_000_095)
+    parser.add_argument("--ratings", type=int, default=ML25M_RATINGS)
+    parser.add_argument("--users", type=int, default=None,
+                        help="Users (default: ml-25m's share at --ratings, 162,541 at 25M).")
+    parser.add_argument("--items", type=int, default=None,
+                        help="Items (default: ml-25m's share at --ratings, 59,047 at 25M).")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--stage", choices=("batch", "bare"), default=None)
@@ -129,6 +133,15 @@ def main() -> None:
     if args.stage:
         print(json.dumps(stage(args.stage, json.loads(args.refs), args.workdir)))
         return
+    if args.users is None or args.items is None:
+        try:
+            shape = Shape.scaled(args.ratings, args.seed)
+        except ValueError as error:
+            parser.error(f"--ratings {args.ratings}: {error}")
+        args.users = shape.users if args.users is None else args.users
+        args.items = shape.movies if args.items is None else args.items
+    if min(args.users, args.items, args.ratings) < 1:
+        parser.error("--users, --items and --ratings must be positive")
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
         workdir = Path(scratch)
@@ -148,8 +161,9 @@ def main() -> None:
         nnz = int(refs["nnz"])
         # What the batch holds beyond the interpreter: the snapshot's train split (12 bytes
         # an interaction, twice while the CSR is rebuilt), the factors, one chunk's history
-        # (interactions and seen, 24 bytes each), three score blocks of 2**24 float32 cells
-        # and one chunk's rows (k x 32 bytes a user).
+        # (interactions and seen, 24 bytes each), one score block of 2**24 cells ranked in
+        # place (4 bytes a float32 score, 8 its argpartition index) and one chunk's rows
+        # (k x 32 bytes a user).
         per_user = nnz / args.users
         bound = (24 * nnz + 4 * FACTORS * (args.users + args.items) + 24 * per_user * chunk
                  + 3 * 4 * (1 << 24) + 32 * K * chunk) / 2**20

@@ -1,8 +1,9 @@
 """`recsys doctor`: what is wrong with this installation, before a traceback says it.
 
 Each check reports whether it passed, what it looked at (URLs with passwords masked) and,
-when it failed, the one thing to do about it. Checks run in the order a fix is needed:
-settings, database, schema, broker, cache, artifact store, workers, models, disk.
+when it failed, the one thing to do about it. An invalid setting is named and the checks
+go on with it at its default, skipping the checks that read it. Checks run in the order a
+fix is needed: settings, database, schema, broker, cache, artifact store, workers, models, disk.
 """
 
 from __future__ import annotations
@@ -219,13 +220,18 @@ def _first_line(error: BaseException) -> str:
 def diagnose() -> dict[str, Any]:
     """Every check, the settings in force, and the first thing to fix (None when all is well)."""
     checks: list[Check] = []
+    invalid: list[str] = []
     try:
         get_settings.cache_clear()
         settings = get_settings()
     except SettingsError as error:
         checks.append(Check("settings", False, str(error), "correct the variable it names"))
-        return _summary(checks, {})
-    checks.append(Check("settings", True, f"valid ({settings.environment.value})"))
+        fallback = _without_invalid()
+        if fallback is None:  # no field to blame (a rule across fields): nothing to go on
+            return _summary(checks, {})
+        settings, invalid = fallback
+    else:
+        checks.append(Check("settings", True, f"valid ({settings.environment.value})"))
     database, engine = _database(settings)
     checks.append(database)
     schema = None
@@ -246,12 +252,57 @@ def diagnose() -> dict[str, Any]:
             checks.append(Check("champion", False, str(error), ""))
         engine.dispose()
     checks += _disk(settings)
-    return _summary(checks, settings_in_force(settings))
+    shown = settings_in_force(settings)
+    for name in invalid:
+        shown[name.upper()] = "(invalid)"
+    return _summary([_unless_invalid(check, invalid) for check in checks], shown, invalid)
 
 
-def _summary(checks: list[Check], settings: dict[str, Any]) -> dict[str, Any]:
+# The settings each check reads: with one of them invalid, the check would look at the
+# default instead of what was meant, so it is skipped and says why.
+CHECK_INPUTS = {
+    "database": ("database_url", "data_path"), "schema": ("database_url", "data_path"),
+    "champion": ("database_url", "data_path", "model_path"),
+    "challenger": ("database_url", "data_path", "model_path"),
+    "broker": ("broker_url",), "workers": ("broker_url",), "cache": ("redis_url",),
+    "artifact store": ("model_path",), "disk DATA_PATH": ("data_path",),
+    "disk MODEL_PATH": ("model_path",),
+}
+
+
+def _without_invalid() -> tuple[Settings, list[str]] | None:
+    """The settings with every invalid field at its default, and those fields' names;
+    None when the error names no field."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(), []
+    except ValidationError as error:
+        invalid = sorted({str(item["loc"][0]) for item in error.errors() if item["loc"]})
+    fields = Settings.model_fields
+    if not invalid or any(name not in fields for name in invalid):
+        return None
+    try:
+        return Settings(**{name: fields[name].get_default(call_default_factory=True)
+                           for name in invalid}), invalid
+    except ValidationError:
+        return None
+
+
+def _unless_invalid(check: Check, invalid: list[str]) -> Check:
+    if check.name == "settings":
+        return check
+    blamed = [name.upper() for name in CHECK_INPUTS.get(check.name, ()) if name in invalid]
+    if not blamed:
+        return check
+    return Check(check.name, None, f"not checked: {', '.join(blamed)} is invalid")
+
+
+def _summary(checks: list[Check], settings: dict[str, Any], invalid: list[str] | None = None
+             ) -> dict[str, Any]:
     problem = next((c for c in checks if c.ok is False), None)
     return {"ok": problem is None, "checks": [asdict(c) for c in checks],
             "first_problem": None if problem is None else
             {"name": problem.name, "detail": problem.detail, "fix": problem.fix},
-            "settings": settings}
+            "settings": settings,
+            "invalid_settings": [name.upper() for name in invalid or ()]}

@@ -57,6 +57,54 @@ def top_k(
     return ids, best
 
 
+def rank_rows(scores: np.ndarray, k: int, banned: np.ndarray | None = None,
+              mask: np.ndarray | None = None, in_place: bool = False
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Best `k` columns per row of `scores` (rows x items) as serve lists them: by score,
+    ties by lower index, never a `banned` cell (flat indices into `scores`), an item off
+    `mask` or a NaN score; cells past a row's rankable items are -1 / -inf.
+
+    `in_place` lets a caller that owns a writable float32 block have it overwritten
+    instead of copied. The block is negated once (NaN then sorts last), partitioned at
+    k + 1 so that a tie across the k-th place shows in the k + 1 candidates; only rows
+    with such a tie are ranked again over every item at the boundary score."""
+    block = np.atleast_2d(scores)
+    if in_place and block.dtype == np.float32 and block.flags.writeable:
+        negated = np.negative(block, out=block)
+    else:
+        negated = np.negative(block, dtype=np.float32)
+    n_rows, n_items = negated.shape
+    if banned is not None and banned.size:
+        negated.reshape(-1)[banned] = np.inf
+    if mask is not None:
+        negated[:, ~mask] = np.inf
+    k = max(k, 0)
+    ids = np.full((n_rows, k), -1, dtype=np.int64)
+    best = np.full((n_rows, k), -np.inf, dtype=np.float32)
+    width = min(k, n_items)
+    if width == 0 or n_rows == 0:
+        return ids, best
+    if width < n_items:
+        candidates = np.argpartition(negated, width, axis=1)[:, :width + 1]
+    else:
+        candidates = np.broadcast_to(np.arange(n_items), negated.shape)
+    values = np.take_along_axis(negated, candidates, axis=1)
+    order = np.lexsort((candidates, values), axis=1)
+    candidates = np.take_along_axis(candidates, order, axis=1)
+    values = np.take_along_axis(values, order, axis=1)
+    ids[:, :width], best[:, :width] = candidates[:, :width], -values[:, :width]
+    if width < n_items:
+        boundary = values[:, width - 1]
+        for row in np.flatnonzero((boundary == values[:, width]) & (boundary < np.inf)):
+            line = negated[row]
+            pool = np.flatnonzero(line <= boundary[row])
+            chosen = pool[np.lexsort((pool, line[pool]))[:width]]
+            ids[row, :width], best[row, :width] = chosen, -line[chosen]
+    ids[~(best > -np.inf)] = -1  # banned, masked or NaN: not ranked
+    best[ids < 0] = -np.inf
+    return ids, best
+
+
 class Recommender(ABC):
     """A fitted model: scores items for users from their (raw) interaction rows."""
 

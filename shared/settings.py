@@ -7,6 +7,7 @@ which caches; tests change the environment and call `get_settings.cache_clear()`
 from __future__ import annotations
 
 import datetime as dt
+import re
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -403,13 +404,19 @@ def setting_names() -> set[str]:
     return {name.upper() for name in Settings.model_fields}
 
 
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@/\s]*@")
+
+
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         name = str(item["loc"][0]).upper() if item["loc"] else "settings"
         value = item.get("input")
+        if name in ("API_KEY", "FLOWER_PASSWORD"):
+            value = "***"
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"{name}: {item['msg']}{shown}")
+        # An invalid URL is shown without its password.
+        lines.append(_URL_PASSWORD.sub(r"\1***@", f"{name}: {item['msg']}{shown}"))
     return "invalid setting: " + "; ".join(lines)
 
 

@@ -13,9 +13,10 @@ beside the output (`<output>.parts/`), recorded in a manifest. A rerun with the 
 arguments skips the recorded parts; other arguments discard them and start over. When
 every chunk is written, the parts are combined into the output one at a time.
 
-Memory: the model and snapshot arrays, one chunk's history, one score block (3 x
-SCORE_BLOCK_CELLS x 4 bytes with its masked copy and argpartition indices) and one
-chunk's rows (chunk x k x 32 bytes); combining holds one part at a time.
+Memory: the model and snapshot arrays, one chunk's history, one score block ranked in
+place by serve's `rank_rows` (SCORE_BLOCK_CELLS x 12 bytes: the float32 scores and their
+int64 argpartition indices) and one chunk's rows (chunk x k x 32 bytes); combining holds
+one part at a time.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from services.eval.versions import load_snapshot_arrays, resolve_version
 from shared.artifacts import arrays_to_csr, read_artifact
 from shared.db import session_scope
 from shared.features import IdIndex
-from shared.recommenders import SCORE_BLOCK_CELLS, Recommender, from_arrays
+from shared.recommenders import SCORE_BLOCK_CELLS, Recommender, from_arrays, rank_rows
 from shared.settings import get_settings
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl"}
@@ -200,19 +201,40 @@ def _rows(batch: Batch, positions: np.ndarray, user_ids: np.ndarray,
           histories: dict[int, dict[int, float | None]]
           ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """(interactions, seen) of a chunk, users x items: the snapshot train row merged with
-    the database history, as serve's plan merges them."""
+    the database history, as serve's plan merges them. A trained user without history in
+    the database (the common case) takes the train row as it is, gathered for all such
+    users at once; only the others are merged one by one."""
+    train, shape = batch.train, (len(user_ids), len(batch.items))
+    merged = np.fromiter((bool(histories.get(u)) for u in user_ids.tolist()), dtype=bool,
+                         count=user_ids.size) | (positions < 0)
+    plain = np.flatnonzero(~merged)
+    lengths = np.zeros(user_ids.size, dtype=np.int64)
+    lengths[plain] = np.diff(train.indptr)[positions[plain]]
+    indptr = np.concatenate(([0], np.cumsum(lengths)))
+    # Where each row's cells sit in the train arrays: its train row start, then one by one.
+    source = (np.repeat(train.indptr[positions[plain]] - indptr[plain], lengths[plain])
+              + np.arange(indptr[-1]))
+    interactions = sp.csr_matrix((train.data[source].astype(np.float32),
+                                  train.indices[source], indptr), shape=shape)
+    if not plain.size == user_ids.size:
+        extra, seen_only = _merged_rows(batch, positions, user_ids, histories,
+                                        np.flatnonzero(merged))
+        interactions = interactions + extra
+        if seen_only.nnz:
+            return interactions, (interactions.astype(bool) + seen_only.astype(bool)).tocsr()
+    return interactions, interactions
+
+
+def _merged_rows(batch: Batch, positions: np.ndarray, user_ids: np.ndarray,
+                 histories: dict[int, dict[int, float | None]], rows: np.ndarray
+                 ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """(interactions, items only seen) of the chunk's `rows` that merge a database history
+    into their train row (or have no train row), zero elsewhere."""
     inter_rows, inter_cols, inter_vals, seen_rows, seen_cols = [], [], [], [], []
     train = batch.train
-    for row, (position, user) in enumerate(zip(positions.tolist(), user_ids.tolist(),
-                                               strict=True)):
+    for row in rows.tolist():
+        position, user = int(positions[row]), int(user_ids[row])
         extra = histories.get(user)
-        if position >= 0 and not extra:  # the common case: the train row alone
-            start, end = train.indptr[position], train.indptr[position + 1]
-            cols = train.indices[start:end]
-            inter_rows.append(np.full(cols.size, row, np.int32))
-            inter_cols.append(cols)
-            inter_vals.append(train.data[start:end].astype(np.float32))
-            continue
         values: dict[int, float | None] = {}
         if position >= 0:
             start, end = train.indptr[position], train.indptr[position + 1]
@@ -242,48 +264,15 @@ def _rows(batch: Batch, positions: np.ndarray, user_ids: np.ndarray,
         matrix.sum_duplicates()
         return matrix
 
-    interactions = csr(inter_rows, inter_cols,
-                       np.concatenate(inter_vals) if inter_vals else np.empty(0, np.float32))
-    seen_only = csr(seen_rows, seen_cols, None)
-    seen = (interactions.astype(bool) + seen_only.astype(bool)).astype(np.float32).tocsr()
-    return interactions, seen
+    return (csr(inter_rows, inter_cols,
+                np.concatenate(inter_vals) if inter_vals else np.empty(0, np.float32)),
+            csr(seen_rows, seen_cols, None))
 
 
-def rank_block(scores: np.ndarray, seen: sp.csr_matrix | None, mask: np.ndarray | None,
-               k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best `k` items per row as serve ranks them (ties by lower index, never a seen or
-    masked item, NaN never ranked); cells past a row's finite scores are -1."""
-    scores = np.array(scores, dtype=np.float32)  # a copy: it gets masked
-    scores[np.isnan(scores)] = -np.inf
-    if seen is not None and seen.nnz:
-        scores[np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr)), seen.indices] = -np.inf
-    if mask is not None:
-        scores[:, ~mask] = -np.inf
-    n_rows, width = scores.shape[0], min(k, scores.shape[1])
-    ids = np.full((n_rows, k), -1, dtype=np.int64)
-    best = np.full((n_rows, k), -np.inf, dtype=np.float32)
-    if width == 0 or n_rows == 0:
-        return ids, best
-    candidates = np.argpartition(-scores, width - 1, axis=1)[:, :width]
-    values = np.take_along_axis(scores, candidates, axis=1)
-    threshold = values.min(axis=1)
-    # Rows with a tie at the boundary (or fewer finite scores than k) are ranked one by one,
-    # exactly as serve's `rank` does, so the same items win a tie.
-    exact = np.isfinite(threshold) & ((scores >= threshold[:, None]).sum(axis=1) == width)
-    order = np.lexsort((candidates, -values), axis=1)
-    ids[:, :width] = np.take_along_axis(candidates, order, axis=1)
-    best[:, :width] = np.take_along_axis(values, order, axis=1)
-    for row in np.flatnonzero(~exact).tolist():
-        line = scores[row]
-        if np.isfinite(threshold[row]):
-            pool = np.flatnonzero(line >= threshold[row])
-        else:
-            pool = np.flatnonzero(np.isfinite(line))
-        chosen = pool[np.lexsort((pool, -line[pool]))[:width]]
-        ids[row], best[row] = -1, -np.inf
-        ids[row, :chosen.size], best[row, :chosen.size] = chosen, line[chosen]
-    ids[~np.isfinite(best)] = -1
-    return ids, best
+def _flat_cells(rows: sp.csr_matrix) -> np.ndarray:
+    """The cells of a CSR block as flat indices into a dense block of its shape."""
+    starts = np.arange(rows.shape[0], dtype=np.int64) * rows.shape[1]
+    return np.repeat(starts, np.diff(rows.indptr)) + rows.indices
 
 
 def score_chunk(batch: Batch, user_ids: np.ndarray, k: int, exclude_seen: bool,
@@ -299,7 +288,8 @@ def score_chunk(batch: Batch, user_ids: np.ndarray, k: int, exclude_seen: bool,
     block = max(1, SCORE_BLOCK_CELLS // max(len(batch.items), 1))
     # Three groups, each scored as serve scores it: trained users from the model alone
     # (where it can), the others from their interactions (fold-in, item-based models),
-    # and users with no interactions from the popular list.
+    # and users with no interactions from the popular list. Each block of scores is
+    # fresh, so the ranking masks and negates it in place.
     alone = recommender.scores_trained_alone
     groups = ((np.flatnonzero(positions >= 0) if alone else np.empty(0, np.int64), "trained"),
               (np.flatnonzero(~popular & ((positions < 0) if alone else True)), "history"),
@@ -313,8 +303,8 @@ def score_chunk(batch: Batch, user_ids: np.ndarray, k: int, exclude_seen: bool,
                 scores = recommender.score(positions[rows], interactions[rows])
             else:
                 scores = np.broadcast_to(batch.popularity, (rows.size, len(batch.items)))
-            ids[rows], best[rows] = rank_block(scores, seen[rows] if exclude_seen else None,
-                                               mask, k)
+            banned = _flat_cells(seen[rows]) if exclude_seen else None
+            ids[rows], best[rows] = rank_rows(scores, k, banned, mask, in_place=True)
     keep = ids >= 0
     counts = keep.sum(axis=1)
     ranks = np.broadcast_to(np.arange(1, k + 1, dtype=np.int32), ids.shape)[keep]

@@ -28,7 +28,7 @@ from services.serve.history import History, HistoryReader, merge
 from services.serve.impressions import ImpressionLogger
 from services.serve.metrics import SCORE_BATCH, SERVED, child
 from services.serve.models import LoadedModel, ModelStore, ServingState
-from shared.recommenders import Recommender
+from shared.recommenders import Recommender, rank_rows
 
 
 class NoModel(LookupError):
@@ -71,24 +71,13 @@ class Pending:
 
 def rank(scores: np.ndarray, banned: np.ndarray, mask: np.ndarray | None, n: int
          ) -> tuple[np.ndarray, np.ndarray]:
-    """Best `n` item indices by score, ties by lower index, never a banned or masked one."""
-    scores = np.array(scores, dtype=np.float32).reshape(-1)  # a copy: it gets masked
-    scores[np.isnan(scores)] = -np.inf
-    if banned.size:
-        scores[banned] = -np.inf
-    if mask is not None:
-        scores[~mask] = -np.inf
-    n = min(n, scores.size)
-    if n <= 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    threshold = scores[np.argpartition(-scores, n - 1)[:n]].min()
-    # Every item tied at the boundary takes part, so the order is total and page 2 with
-    # offset continues page 1 exactly.
-    candidates = np.flatnonzero(scores >= threshold if np.isfinite(threshold)
-                                else np.isfinite(scores))
-    order = np.lexsort((candidates, -scores[candidates]))[:n]
-    best = candidates[order]
-    return best, scores[best]
+    """Best `n` item indices by score, ties by lower index, never a banned or masked one.
+
+    The order is total, so page 2 with offset continues page 1 exactly; the batch lists
+    (services/eval/batch.py) rank with the same function, many users at once."""
+    ids, best = rank_rows(np.reshape(scores, (1, -1)), n, banned, mask)
+    kept = ids[0] >= 0
+    return ids[0][kept], best[0][kept]
 
 
 def items_json(model: LoadedModel, indices: np.ndarray, scores: np.ndarray) -> bytes:

@@ -106,6 +106,21 @@ def test_an_invalid_setting_is_named_and_the_rest_still_checked(tmp_path: Path) 
     code, report, _ = doctor(embedded_env(tmp_path, CACHE_TTL="soon"), tmp_path)
     assert code == 1 and report["first_problem"]["name"] == "settings"
     assert "CACHE_TTL" in report["first_problem"]["detail"]
+    assert report["invalid_settings"] == ["CACHE_TTL"]
+    assert report["settings"]["CACHE_TTL"] == "(invalid)"
+    assert report["settings"]["DATA_PATH"] == str(tmp_path / "data")
+    checks = status(report)
+    assert checks["database"] and checks["broker"] and checks["cache"]
+    assert checks["artifact store"] and checks["disk DATA_PATH"]
+
+    # A dependency's own URL invalid: named with its password masked, its checks skipped.
+    code, report, text = doctor(embedded_env(tmp_path, DATABASE_URL="mysql://u:pw@h/x"),
+                                tmp_path)
+    assert code == 1 and report["first_problem"]["name"] == "settings"
+    assert report["invalid_settings"] == ["DATABASE_URL"] and ":pw@" not in text
+    skipped = next(c for c in report["checks"] if c["name"] == "database")
+    assert skipped["ok"] is None and "DATABASE_URL is invalid" in skipped["detail"]
+    assert status(report)["artifact store"]
 
 
 @pytest.mark.slow
