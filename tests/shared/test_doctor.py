@@ -1,10 +1,9 @@
-"""`recsys doctor` against the real services, each stopped (a closed port) in turn."""
+"""`recsys doctor` against the real services, and against private ones each stopped in turn."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,7 @@ import pytest
 
 from tests.conftest import recsys_command
 from tests.ingest.test_embedded import embedded_env
-
-
-def closed_port() -> int:
-    """A port nothing listens on: what a client sees of a stopped server."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.servers import private_postgres, private_rabbitmq, private_redis, stopped
 
 
 def doctor(env: dict[str, str], cwd: Path) -> tuple[int, dict[str, Any], str]:
@@ -57,21 +50,29 @@ def test_every_server_reached_and_the_first_fix_is_the_missing_workers(
     assert report["settings"]["API_KEY"] == "***" and "doctor-secret-key" not in text
 
 
-@pytest.mark.parametrize(("variable", "scheme", "name", "fix"), [
-    ("DATABASE_URL", "postgresql+psycopg2://postgres:pw@127.0.0.1:{port}/x", "database",
-     "start Postgres or correct DATABASE_URL"),
-    ("BROKER_URL", "amqp://guest:pw@127.0.0.1:{port}//", "broker",
-     "start RabbitMQ or correct BROKER_URL"),
-    ("REDIS_URL", "redis://127.0.0.1:{port}/0", "cache", "start Redis or correct REDIS_URL"),
-])
+PRIVATE_SERVERS = {"database": (private_postgres, "DATABASE_URL",
+                                 "start Postgres or correct DATABASE_URL"),
+                   "broker": (private_rabbitmq, "BROKER_URL",
+                              "start RabbitMQ or correct BROKER_URL"),
+                   "cache": (private_redis, "REDIS_URL", "start Redis or correct REDIS_URL")}
+
+
+@pytest.mark.parametrize("name", list(PRIVATE_SERVERS))
 def test_each_server_stopped_in_turn_is_named_with_its_url(
-        served: dict[str, str], tmp_path: Path, variable: str, scheme: str, name: str,
-        fix: str) -> None:
-    url = scheme.format(port=closed_port())
-    code, report, text = doctor({**served, variable: url}, tmp_path)
+        served: dict[str, str], tmp_path: Path, name: str) -> None:
+    """A private server of the kind is reached, then really stopped: the doctor names it,
+    the URL it tried (password masked) and the fix, and still reaches the other two."""
+    start, variable, fix = PRIVATE_SERVERS[name]
+    with start() as server:
+        env = {**served, variable: server.url}
+        _, report, _ = doctor(env, tmp_path)
+        assert status(report)[name] is True, report
+        with stopped(server):
+            code, report, text = doctor(env, tmp_path)
     failed = next(c for c in report["checks"] if c["name"] == name)
     assert code == 1 and failed["ok"] is False and failed["fix"] == fix
-    assert url.split("@")[-1] in failed["detail"] and ":pw@" not in text
+    assert f"127.0.0.1:{server.port}" in failed["detail"]
+    assert ":guest@" not in text
     others = {"database", "broker", "cache"} - {name}
     assert all(status(report)[o] for o in others)
     if name != "cache":  # the cache is checked after the broker
