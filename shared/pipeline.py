@@ -148,6 +148,9 @@ def run_pipeline(stages: str | None = None, stage: str | None = None,
             "seconds": round(sum(t["seconds"] for t in tuned), 3),
             "trials_run": sum(t["trials_run"] for t in tuned),
             "trials_cut": sum(t["trials_cut"] for t in tuned),
+            "cut": [{"algorithm": t["algorithm"], "trials_cut": t["tuning"]["trials_cut"],
+                     "reason": t["tuning"].get("cut_reason")}
+                    for t in outputs["train"] if t.get("tuning") and t["tuning"]["trials_cut"]],
         }
     if "evaluate" in outputs:
         summary["models"] = outputs["evaluate"]["models"]

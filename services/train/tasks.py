@@ -58,11 +58,13 @@ def tune(self: Any, snapshot: dict[str, Any], algorithms: list[str] | None = Non
 @service_task("train.trials")
 def trials(self: Any, snapshot: dict[str, Any], algorithm: str, study: str, n_trials: int,
            fixed_params: dict[str, Any], deadline: float | None = None,
-           helper: int = 1) -> dict[str, Any]:
-    """Draw trials of a search another train worker started, until its study is full."""
+           helper: int = 1, fit_scale: float = 0.0,
+           first_trial_seconds: float = 0.0) -> dict[str, Any]:
+    """Draw trials of a search another train worker started, until its study is full or
+    the next trial is expected to end, with the final fit, past ``deadline``."""
     try:
         result = draw_trials_on_snapshot(snapshot, algorithm, study, n_trials, fixed_params,
-                                         deadline, helper)
+                                         deadline, helper, fit_scale, first_trial_seconds)
     except (TrainingError, ArtifactError, ValueError) as error:
         raise TrainingError(str(error)) from None
     return {**result, "task_id": self.request.id}

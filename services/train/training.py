@@ -21,6 +21,7 @@ from services.train.algorithms import ALGORITHMS, fit_algorithm
 from services.train.studies import shares_studies, study_lock, study_storage
 from services.train.tuning import (
     SharedStudy,
+    TrialClock,
     cross_validate,
     draw_trials,
     prepare_objective,
@@ -77,12 +78,15 @@ def threads() -> int:
 def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] | None = None,
                     tune: bool = False, n_trials: int | None = None,
                     progress: Progress | None = None, cv_folds: int | None = None,
-                    allowance: float | None = None, workers: int = 1, run_id: str = ""
-                    ) -> dict[str, Any]:
+                    allowance: float | None = None, workers: int = 1, run_id: str = "",
+                    first_trial_seconds: float = 0.0) -> dict[str, Any]:
     """Tune (optionally) on validation, fit on train, store the model; a JSON-able record.
 
-    ``allowance`` bounds the tuning in seconds: no trial starts once it is spent. With
-    ``workers`` above 1, ``workers - 1`` other train workers draw trials of the same study.
+    ``allowance`` bounds the tuning and the final fit in seconds: no trial starts that is
+    expected to end, with the final fit, past it (see TrialClock; ``first_trial_seconds``
+    is what a trial is expected to take before one has ended). With ``workers`` above 1,
+    ``workers - 1`` other train workers draw trials of the same study. A search capped
+    at one trial has nothing to choose between: it fits the defaults once, on train.
     """
     settings = get_settings()
     started = time.perf_counter()
@@ -93,25 +97,36 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
         raise TrainingError(str(error)) from None
     pair = (data.matrix("validation_train"), data.matrix("validation_test"))
     spec = ALGORITHMS[algorithm]
-    if tune and spec.search_space:
-        trials = trial_cap(algorithm, n_trials)
+    trials = trial_cap(algorithm, n_trials) if tune else 0
+    if trials == 1:
+        chosen, validation = spec.resolve_params(base), {}
+        tuning = {**untuned_record(trials, allowance), "trials_cut": 1,
+                  "cut_reason": "one trial has nothing to choose between: the defaults "
+                                "are fitted once, on train"}
+    elif trials:
         deadline = None if allowance is None else time.time() + allowance
         fixed = {k: v for k, v in base.items() if k not in spec.search_space}
+        fit_scale = data.arrays["train.data"].size / max(pair[0].nnz, 1)
         shared = shared_study(data.info, algorithm, run_id, workers, trials, fixed,
-                              deadline) if workers > 1 else None
+                              deadline, fit_scale, first_trial_seconds) if workers > 1 else None
         result = tune_matrices(
             algorithm, [pair], n_trials=trials, seed=settings.seed, fixed_params=fixed,
             num_threads=threads(), validation_users=settings.tune_validation_users,
             on_trial=(lambda number, value: progress("trial", {
                 "algorithm": algorithm, "trial": number + 1, "trials": trials,
                 "value": value})) if progress else None, deadline=deadline,
-            pruning=pruning_applies(pair[0]), shared=shared)
+            pruning=pruning_applies(pair[0]), shared=shared, fit_scale=fit_scale,
+            first_trial_seconds=first_trial_seconds)
         chosen = result.best_params
         validation = {} if result.best_score is None else {result.metric: result.best_score}
+        expected = result.longest_trial_seconds or first_trial_seconds
         tuning = {"trials_cap": trials, "trials_run": result.trials_run,
                   "trials_cut": result.trials_cut, "trials_pruned": result.trials_pruned,
+                  "cut_reason": result.cut_reason or None,
                   "seconds": round(result.seconds, 3),
                   "allowance_seconds": None if allowance is None else round(allowance, 3),
+                  "longest_trial_seconds": round(result.longest_trial_seconds, 3),
+                  "fit_reserved_seconds": round(expected * fit_scale, 3),
                   "validation_users": result.validation_users,
                   "validation_users_total": result.validation_users_total,
                   "study": result.study if shared else None,
@@ -122,10 +137,8 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
         model = fit_algorithm(algorithm, pair[0], chosen, settings.seed, threads())
         validation = {"ndcg@10": evaluate_model(model, pair[0], pair[1], (10,))["ndcg@10"]}
         users = int(np.count_nonzero(np.diff(pair[1].indptr)))
-        tuning = {"trials_cap": 0, "trials_run": 0, "trials_cut": 0, "trials_pruned": 0,
-                  "seconds": round(time.perf_counter() - scored, 3), "allowance_seconds": None,
-                  "validation_users": users, "validation_users_total": users,
-                  "study": None, "workers": []}
+        tuning = {**untuned_record(0, None), "seconds": round(time.perf_counter() - scored, 3),
+                  "validation_users": users, "validation_users_total": users}
     else:
         # A plain fit trains once: measuring is eval's job, and a validation pass here
         # would cost a second fit and a scoring of every user (5x the fit at 25M ratings).
@@ -133,7 +146,10 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
     spread = cross_validation(data, algorithm, chosen, cv_folds) if cv_folds else None
     if progress:
         progress("fit", {"algorithm": algorithm, "params": chosen})
+    fitting = time.perf_counter()
     model = fit_algorithm(algorithm, data.matrix("train"), chosen, settings.seed, threads())
+    if tuning is not None:
+        tuning["fit_seconds"] = round(time.perf_counter() - fitting, 3)
     arrays = {**model.to_arrays(), "user_ids": data.arrays["user_ids"],
               "item_ids": data.arrays["item_ids"]}
     manifest = {"kind": "model", "algorithm": algorithm, "params": chosen,
@@ -145,6 +161,15 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
             "validation": manifest["validation"], "tuned": bool(tune and spec.search_space),
             "cross_validation": spread, "tuning": tuning,
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def untuned_record(cap: int, allowance: float | None) -> dict[str, Any]:
+    """The tuning record of a search that ran no trial."""
+    return {"trials_cap": cap, "trials_run": 0, "trials_cut": 0, "trials_pruned": 0,
+            "cut_reason": None, "seconds": 0.0,
+            "allowance_seconds": None if allowance is None else round(allowance, 3),
+            "longest_trial_seconds": 0.0, "fit_reserved_seconds": 0.0,
+            "validation_users": 0, "validation_users_total": 0, "study": None, "workers": []}
 
 
 def cross_validation(data: SnapshotData, algorithm: str, params: dict[str, Any],
@@ -164,7 +189,8 @@ def study_name(snapshot: dict[str, Any], algorithm: str, run_id: str) -> str:
 
 
 def shared_study(snapshot: dict[str, Any], algorithm: str, run_id: str, workers: int,
-                 n_trials: int, fixed: dict[str, Any], deadline: float | None) -> SharedStudy:
+                 n_trials: int, fixed: dict[str, Any], deadline: float | None,
+                 fit_scale: float = 0.0, first_trial_seconds: float = 0.0) -> SharedStudy:
     """The study of one search in Postgres, and the `train.trials` tasks that ask
     ``workers - 1`` other train workers to draw from it. A task that arrives after the
     search is over finds the study full and returns at once, so one worker still works."""
@@ -178,7 +204,8 @@ def shared_study(snapshot: dict[str, Any], algorithm: str, run_id: str, workers:
             app.send_task("train.trials", queue="train", kwargs={
                 "snapshot": snapshot, "algorithm": algorithm, "study": name,
                 "n_trials": n_trials, "fixed_params": fixed, "deadline": deadline,
-                "helper": helper})
+                "helper": helper, "fit_scale": fit_scale,
+                "first_trial_seconds": first_trial_seconds})
 
     return SharedStudy(name, study_storage(settings.database_url),
                        lambda: study_lock(settings.database_url, name), spread)
@@ -186,7 +213,8 @@ def shared_study(snapshot: dict[str, Any], algorithm: str, run_id: str, workers:
 
 def draw_trials_on_snapshot(snapshot: dict[str, Any], algorithm: str, study: str,
                             n_trials: int, fixed_params: dict[str, Any],
-                            deadline: float | None, helper: int) -> dict[str, Any]:
+                            deadline: float | None, helper: int, fit_scale: float = 0.0,
+                            first_trial_seconds: float = 0.0) -> dict[str, Any]:
     """One worker's share of a search spread over train workers (the task `train.trials`)."""
     settings = get_settings()
     if not shares_studies(settings.database_url):
@@ -200,7 +228,7 @@ def draw_trials_on_snapshot(snapshot: dict[str, Any], algorithm: str, study: str
     shared = SharedStudy(study, study_storage(settings.database_url),
                          lambda: study_lock(settings.database_url, study))
     ran = draw_trials(objective, shared, n_trials=n_trials, seed=settings.seed + helper,
-                      deadline=deadline)
+                      deadline=deadline, clock=TrialClock(fit_scale, first_trial_seconds))
     return {"study": study, "algorithm": algorithm, "trials_run": ran}
 
 
@@ -239,9 +267,12 @@ def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None
                ) -> list[dict[str, Any]]:
     """Every requested algorithm on one snapshot, loaded once.
 
-    A tuning budget (``tune_budget`` seconds, else TUNE_BUDGET_SECONDS; 0 is unlimited) is
-    shared in order: each algorithm may spend the budget still unspent times its trial cap
-    over the caps of the algorithms still to tune, so time one leaves passes to the next.
+    A tuning budget (``tune_budget`` seconds, else TUNE_BUDGET_SECONDS; 0 is unlimited)
+    covers the whole stage, final fits included, and is shared in order: each algorithm may
+    spend the budget still unspent times its trial cap over the caps of the algorithms
+    still to tune, its final fit included, so time one leaves passes to the next. An
+    algorithm's first trial is expected to take as long as the longest trial of the
+    algorithms before it (the first algorithm's first trial starts whenever time is left).
     """
     budget = get_settings().tune_budget_seconds if tune_budget is None else tune_budget
     if budget < 0:
@@ -251,6 +282,7 @@ def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None
     if unknown:
         raise TrainingError(f"unknown algorithm(s) {', '.join(unknown)}; "
                             f"one of {', '.join(ALGORITHMS)}")
+    started = time.perf_counter()
     data = load_snapshot(snapshot)
     if algorithms is None:
         # By default, leave out what cannot fit this catalogue (EASE's dense item x item
@@ -263,15 +295,16 @@ def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None
     caps = [trial_cap(name, n_trials) if tune else 0 for name in names]
     workers = tuning_workers() if any(caps) else 1
     run_id = run_id or uuid.uuid4().hex
-    spent, results = 0.0, []
+    longest, results = 0.0, []
     for position, name in enumerate(names):
         allowance = None
         if budget and caps[position]:
-            allowance = max(budget - spent, 0.0) * caps[position] / sum(caps[position:])
+            left = max(budget - (time.perf_counter() - started), 0.0)
+            allowance = left * caps[position] / sum(caps[position:])
         result = fit_on_snapshot(data, name, tune=tune, n_trials=n_trials, progress=progress,
                                  cv_folds=cv_folds, allowance=allowance, workers=workers,
-                                 run_id=run_id)
-        if caps[position]:
-            spent += result["tuning"]["seconds"]
+                                 run_id=run_id, first_trial_seconds=longest)
+        if result["tuning"]:
+            longest = max(longest, result["tuning"]["longest_trial_seconds"])
         results.append(result)
     return results

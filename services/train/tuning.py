@@ -45,6 +45,8 @@ class TuningResult:
     trials_pruned: int = 0
     seconds: float = 0.0
     study: str = ""
+    cut_reason: str = ""  # why the search stopped before its cap, when it did
+    longest_trial_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -166,13 +168,18 @@ def tune_matrices(
     deadline: float | None = None,
     pruning: bool = False,
     shared: SharedStudy | None = None,
+    fit_scale: float = 0.0,
+    first_trial_seconds: float = 0.0,
 ) -> TuningResult:
     """The search itself, over (fit matrix, held-out matrix) pairs that never touch test.
 
     A snapshot carries its validation pair ready-made; ``tune`` builds them from a frame.
     With ``validation_users``, each trial scores a seeded sample of that many users of each
     held-out matrix (the fit matrices keep every user). ``n_trials`` is a cap: no trial
-    starts after ``deadline`` (wall-clock seconds since the epoch). With ``pruning``, ALS
+    starts that is expected to end past ``deadline`` (wall-clock seconds since the epoch)
+    together with the final fit that follows the search, ``fit_scale`` times a trial (see
+    TrialClock; ``first_trial_seconds`` is the expectation before any trial has ended).
+    With ``pruning``, ALS
     and BPR trials report their validation score every few iterations and stop early when
     hopeless (see PRUNING_STEPS). With ``shared``, the study lives in its storage and
     other workers, asked by ``shared.spread``, draw trials from it at the same time.
@@ -205,12 +212,14 @@ def tune_matrices(
         # ones (its "constant liar") instead of proposing the same point again.
         sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=shared is not None)
 
+    clock = TrialClock(fit_scale, first_trial_seconds)
     started = time.perf_counter()
     with quiet_optuna():
         if shared is None:
             study = optuna.create_study(direction="maximize", sampler=sampler,
                                         pruner=make_pruner(objective.pruning))
-            run_trials(study, objective, n_trials, deadline=deadline, on_trial=on_trial)
+            run_trials(study, objective, n_trials, deadline=deadline, on_trial=on_trial,
+                       clock=clock)
         else:
             # A redelivered run carries the same name and carries on with the same study.
             study = optuna.create_study(storage=shared.storage, study_name=shared.name,
@@ -219,7 +228,7 @@ def tune_matrices(
                                         load_if_exists=True)
             shared.spread()
             run_trials(study, objective, n_trials, deadline=deadline, lock=shared.lock,
-                       on_trial=on_trial)
+                       on_trial=on_trial, clock=clock)
             wait_for_running_trials(study)
     return search_result(study, objective, n_trials, validation, users_scored, users_total,
                          time.perf_counter() - started)
@@ -267,7 +276,7 @@ def prepare_objective(
 
 
 def draw_trials(objective: TrialObjective, shared: SharedStudy, *, n_trials: int, seed: int,
-                deadline: float | None = None) -> int:
+                deadline: float | None = None, clock: TrialClock | None = None) -> int:
     """Another worker's share of a shared search: trials until the study holds
     ``n_trials`` or the deadline passes; returns how many this worker ran. ``seed`` must
     differ between workers (the sampler's random start would repeat itself otherwise)."""
@@ -275,7 +284,8 @@ def draw_trials(objective: TrialObjective, shared: SharedStudy, *, n_trials: int
     with quiet_optuna():
         study = optuna.load_study(study_name=shared.name, storage=shared.storage,
                                   sampler=sampler, pruner=make_pruner(objective.pruning))
-        return run_trials(study, objective, n_trials, deadline=deadline, lock=shared.lock)
+        return run_trials(study, objective, n_trials, deadline=deadline, lock=shared.lock,
+                          clock=clock)
 
 
 def wait_for_running_trials(study: optuna.Study, poll: float = 0.2) -> None:
@@ -390,19 +400,63 @@ def make_pruner(pruning: bool) -> optuna.pruners.BasePruner:
                                        n_warmup_steps=0)
 
 
+@dataclass(frozen=True)
+class TrialClock:
+    """What a budgeted search expects of its next trial and of the final fit after it.
+
+    A trial is expected to take as long as the longest trial of the study so far (pruned
+    ones included, from any worker); before any has ended, ``first_trial_seconds``. The
+    final fit of the best parameters is expected to take ``fit_scale`` times that (the
+    caller's ratio of the train split's size to the validation fit matrix's).
+    """
+
+    fit_scale: float = 0.0
+    first_trial_seconds: float = 0.0
+
+    def expected(self, study: optuna.Study) -> tuple[float, float]:
+        """Seconds of the next trial, and of the final fit, as this study stands."""
+        trial = longest_trial(study, self.first_trial_seconds)
+        return trial, trial * self.fit_scale
+
+    def refusal(self, study: optuna.Study, deadline: float) -> str:
+        """Why the next trial may not start before ``deadline`` ("" when it may)."""
+        left = deadline - time.time()
+        trial, fit = self.expected(study)
+        if left <= 0:
+            return "the time budget was spent"
+        if trial + fit > left:
+            return (f"a trial expected to take {trial:.2f} s, then the final fit "
+                    f"{fit:.2f} s, would end past the budget ({left:.2f} s left)")
+        return ""
+
+
+def longest_trial(study: optuna.Study, default: float = 0.0) -> float:
+    """Seconds of the study's longest ended trial (``default`` before any has ended)."""
+    return max((float(t.user_attrs["duration_s"]) for t in study.get_trials(deepcopy=False)
+                if "duration_s" in t.user_attrs), default=default)
+
+
 def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int,
                *, deadline: float | None = None,
                lock: Callable[[], AbstractContextManager[Any]] = nullcontext,
-               on_trial: Callable[[int, float], None] | None = None) -> int:
-    """Run trials until the study holds ``n_trials`` (in any state) or the wall clock passes
-    ``deadline`` (a trial under way finishes); returns how many this call ran.
+               on_trial: Callable[[int, float], None] | None = None,
+               clock: TrialClock | None = None) -> int:
+    """Run trials until the study holds ``n_trials`` (in any state) or the next trial is
+    expected (by ``clock``) to end, with the final fit after it, past ``deadline``; returns
+    how many this call ran. Why it stopped short of the cap goes to the study's user
+    attribute ``cut_reason``.
 
     ``lock`` makes counting and starting a trial atomic among processes sharing the study.
     """
+    clock = clock or TrialClock()
     ran = 0
-    while deadline is None or time.time() < deadline:
+    while True:
         with lock():
             if len(study.get_trials(deepcopy=False)) >= n_trials:
+                break
+            reason = "" if deadline is None else clock.refusal(study, deadline)
+            if reason:
+                study.set_user_attr("cut_reason", reason)
                 break
             trial = study.ask()
         started = time.perf_counter()
@@ -440,11 +494,13 @@ def search_result(study: optuna.Study, objective: TrialObjective, n_trials: int,
     else:  # the budget ended before any trial did: the frozen defaults stand
         best, score = objective.params({}), None
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
+    cut = max(n_trials - len(trials), 0)
     return TuningResult(
         objective.algorithm, objective.key, best, score, pd.DataFrame(rows), validation,
-        users_scored, users_total, trials_run=len(trials),
-        trials_cut=max(n_trials - len(trials), 0), trials_pruned=pruned, seconds=seconds,
-        study=study.study_name,
+        users_scored, users_total, trials_run=len(trials), trials_cut=cut,
+        trials_pruned=pruned, seconds=seconds, study=study.study_name,
+        cut_reason=str(study.user_attrs.get("cut_reason", "")) if cut else "",
+        longest_trial_seconds=longest_trial(study),
     )
 
 

@@ -7,6 +7,8 @@ chunk with one big-endian structured dtype and nothing goes through the ORM.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 from sqlalchemy import Engine, text
@@ -77,17 +79,36 @@ class _BinaryCopySink:
                                      strict=True)}
 
 
+class _RawSink(io.RawIOBase):
+    """The raw stream under an io.BufferedWriter, handing each block to the sink."""
+
+    def __init__(self, sink: _BinaryCopySink) -> None:
+        super().__init__()
+        self.sink = sink
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        return self.sink.write(data)
+
+
 def load_ratings(engine: Engine, implicit_rating: float = 4.0) -> pd.DataFrame:
     """Every rating, and every engaged feedback event, as user_id, movie_id, rating, rated_at."""
     query = interactions_query(engine.dialect.name, implicit_rating)
     if engine.dialect.name == "postgresql":
         sink = _BinaryCopySink()
+        # psycopg2 writes COPY's output one row per call: a C buffer in front of the sink
+        # passes it on in 32 MB blocks, instead of one Python call per row (at 2M rows,
+        # most of the load's time).
+        buffered = io.BufferedWriter(_RawSink(sink), buffer_size=sink.flush_bytes)
         raw = engine.raw_connection()
         try:
             with raw.cursor() as cursor:
-                cursor.copy_expert(f"COPY ({query}) TO STDOUT WITH (FORMAT binary)", sink,
+                cursor.copy_expert(f"COPY ({query}) TO STDOUT WITH (FORMAT binary)", buffered,
                                    size=1 << 20)
             raw.commit()
+            buffered.flush()
         finally:
             raw.close()
         return pd.DataFrame(sink.close(), copy=False)

@@ -116,8 +116,10 @@ def build_snapshot(params: SnapshotParams, engine: Engine | None = None,
     if frame.empty:
         raise SnapshotError("there are no ratings to snapshot; run `recsys ingest` first")
     # A user may have rated a movie and clicked it later: the latest interaction stands.
-    frame = frame.sort_values("rated_at", kind="stable").drop_duplicates(
-        ["user_id", "movie_id"], keep="last")
+    frame = frame.sort_values("rated_at", kind="stable")
+    # One int64 key per pair hashes faster than the two columns (the same rows are kept).
+    pair = (frame["user_id"].to_numpy(np.int64) << 32) | frame["movie_id"].to_numpy(np.int64)
+    frame = frame[~pd.Series(pair).duplicated(keep="last").to_numpy()]
     # Canonical order: the seeded split must not depend on the order the database returns.
     order = np.lexsort((frame["movie_id"].to_numpy(), frame["rated_at"].to_numpy(),
                         frame["user_id"].to_numpy()))

@@ -22,7 +22,8 @@ def test_pipeline_reports_the_tuning_budget(tmp_path: Path, ml100k: Path) -> Non
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     tuning = {t["algorithm"]: t["tuning"] for t in summary["trained"]}
-    assert tuning["itemknn_cosine"]["allowance_seconds"] == 1500.0  # 3000 * 3 / (3 + 3)
+    # 3000 * 3 / (3 + 3), less what the stage spent before (the popularity baseline)
+    assert 1490.0 <= tuning["itemknn_cosine"]["allowance_seconds"] <= 1500.0
     for name in ("itemknn_cosine", "ease"):
         assert (tuning[name]["trials_cap"], tuning[name]["trials_run"],
                 tuning[name]["trials_cut"]) == (3, 3, 0)
