@@ -172,7 +172,8 @@ def pipeline(
         fail(f"--tune-budget must be a positive number of seconds, got {tune_budget}", 2)
     ensure_schema()
     options = {"source": source or get_settings().data_source, "protocol": protocol,
-               "stratify": stratify, "algorithms": algorithms.split(",") if algorithms else None, "trials": trials,
+               "stratify": stratify,
+               "algorithms": algorithms.split(",") if algorithms else None, "trials": trials,
                "cv_folds": cv_folds, "tune_budget": tune_budget}
     try:
         with pipeline_status():

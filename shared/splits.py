@@ -200,8 +200,9 @@ def kfold_splits(df: pd.DataFrame, k: int = 5, seed: int = 42) -> list[Split]:
 def validation_split(train: pd.DataFrame, like: SplitSpec | None = None) -> Split:
     """Carve a validation split out of a training frame only, mirroring the main split policy.
 
-    Random uses the same ratio, seed and stratification; leave-last-n the same n; temporal cuts at the train-time
-    quantile that reproduces the main test share; k-fold holds out one fold's share at random.
+    Random uses the same ratio, seed and stratification; leave-last-n the same n; temporal
+    cuts at the train-time quantile that reproduces the main test share; k-fold holds out
+    one fold's share at random.
     Without ``like``, a random 75/25 split with seed 42 is used.
     """
     if like is None:
