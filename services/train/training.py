@@ -234,9 +234,10 @@ def trial_cap(algorithm: str, n_trials: int | None = None) -> int:
 
 
 def item_cap(name: str, n_items: int) -> int:
-    """The most items ``name`` (or the EASE part of a blend) fits densely."""
-    params = default_params(name)
-    return int(params.get("max_items", params.get("ease_max_items", n_items)))
+    """The most items ``name`` fits densely; a blend, the fewest of its parts'."""
+    if name in BLEND_PARTS:
+        return min(item_cap(part, n_items) for part in BLEND_PARTS[name])
+    return int(default_params(name).get("max_items", n_items))
 
 
 def part_params(name: str, trained: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
