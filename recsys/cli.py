@@ -146,6 +146,8 @@ def pipeline(
     source: str = typer.Option(None, "--source", help="Data source for ingest (DATA_SOURCE)."),
     protocol: str = typer.Option(None, "--protocol", help="random, temporal or leave-last-n "
                                  "(EVAL_PROTOCOL)."),
+    stratify: str = typer.Option(None, "--stratify", help="Random protocol: user or item, "
+                                 "the group each 75/25 cut is made within (EVAL_STRATIFY)."),
     algorithms: str = typer.Option(None, "--algorithms", help="Comma-separated algorithms to "
                                    "train (all when omitted)."),
     trials: int = typer.Option(None, "--trials", min=1, help="Tuning trials per algorithm "
@@ -160,14 +162,17 @@ def pipeline(
 ) -> None:
     """Run the pipeline's stages in order as a Celery chain (every stage, with --stages all)."""
     from shared.pipeline import PipelineError, run_pipeline
-    from shared.settings import EvalProtocol
+    from shared.settings import EvalProtocol, EvalStratify
 
     if protocol and protocol not in {p.value for p in EvalProtocol}:
         fail(f"--protocol {protocol!r} is not one of random, temporal, leave-last-n", 2)
+    if stratify and stratify not in {s.value for s in EvalStratify}:
+        fail(f"--stratify {stratify!r} is not one of user, item", 2)
     if tune_budget is not None and not tune_budget > 0:
         fail(f"--tune-budget must be a positive number of seconds, got {tune_budget}", 2)
     ensure_schema()
     options = {"source": source or get_settings().data_source, "protocol": protocol,
+               "stratify": stratify,
                "algorithms": algorithms.split(",") if algorithms else None, "trials": trials,
                "cv_folds": cv_folds, "tune_budget": tune_budget}
     try:

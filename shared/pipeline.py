@@ -84,7 +84,8 @@ def build_chain(chosen: list[Stage], options: dict[str, Any]) -> Any:
     """Signatures by task name, each routed to its service's queue."""
     kwargs = {
         "ingest": {"source": options.get("source")},
-        "transform": {"protocol": options.get("protocol")},
+        "transform": {"protocol": options.get("protocol"),
+                      "stratify": options.get("stratify")},
         "train": {"algorithms": options.get("algorithms"), "n_trials": options.get("trials"),
                   "cv_folds": options.get("cv_folds"),
                   "tune_budget": options.get("tune_budget")},

@@ -29,6 +29,7 @@ MODEL_KINDS = {
     "itemknn_bm25": "item_similarity",
     "popular": "popularity",
     "sparse_ease": "item_similarity",
+    "ease_als": "blend",
 }
 
 
@@ -392,6 +393,60 @@ class PopularityModel(Recommender):
         return {"popularity": self.popularity}
 
 
+def _standardised(scores: np.ndarray) -> np.ndarray:
+    """Each row less its mean, over its standard deviation: scores of different models on
+    one scale, whatever each model's own."""
+    scores = np.asarray(scores, dtype=np.float64)
+    centred = scores - scores.mean(axis=1, keepdims=True)
+    spread = centred.std(axis=1, keepdims=True)
+    return centred / np.where(spread > 0, spread, 1.0)
+
+
+class BlendModel(Recommender):
+    """A weighted sum of other fitted models' standardised scores (each user's scores less
+    their mean, over their spread, per model). Each part weights the raw history its own
+    way and folds in new users its own way; the blend's own weighting is ``none``."""
+
+    def __init__(self, algorithm: str, parts: Sequence[Recommender],
+                 weights: Sequence[float]) -> None:
+        if not parts or len(parts) != len(weights):
+            raise ValueError(f"a blend needs one weight per part, got {len(parts)} parts and "
+                             f"{len(weights)} weights")
+        if len({part.n_items for part in parts}) != 1:
+            raise ValueError("the parts of a blend must score the same items")
+        super().__init__(algorithm, Weighting("none"), parts[0].n_items)
+        self.parts = list(parts)
+        self.weights = np.asarray(weights, dtype=np.float64)
+
+    def _score(self, user_indices: np.ndarray, rows: sp.csr_matrix) -> np.ndarray:
+        total = np.zeros((rows.shape[0], self.n_items))
+        for part, weight in zip(self.parts, self.weights, strict=True):
+            if weight:
+                total += weight * _standardised(
+                    part._score(user_indices, part.weighting.transform(rows)))
+        return total.astype(np.float32)
+
+    def prepare_serving(self) -> None:
+        for part in self.parts:
+            part.prepare_serving()
+
+    def _item_similarities(self, item_idx: int) -> np.ndarray:
+        total = np.zeros(self.n_items)
+        for part, weight in zip(self.parts, self.weights, strict=True):
+            row = np.asarray(part._item_similarities(item_idx), dtype=np.float64)
+            known = np.isfinite(row)
+            row = np.where(known, row, row[known].min() if known.any() else 0.0)
+            total += weight * _standardised(row[None, :])[0]
+        return total
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {"blend_weights": self.weights, "blend_parts": np.array(len(self.parts))}
+        for position, part in enumerate(self.parts):
+            arrays.update({f"part{position}.{key}": value
+                           for key, value in part.to_arrays().items()})
+        return arrays
+
+
 def from_arrays(arrays: Mapping[str, np.ndarray]) -> Recommender:
     """Rebuild a model from :meth:`Recommender.to_arrays` output (e.g. a loaded npz)."""
     algorithm = str(arrays["algorithm"])
@@ -402,6 +457,11 @@ def from_arrays(arrays: Mapping[str, np.ndarray]) -> Recommender:
         return FactorModel(algorithm, weighting, user_factors, item_factors, regularization, alpha)
     if algorithm == "popular":
         return PopularityModel(algorithm, weighting, arrays["popularity"])
+    if MODEL_KINDS.get(algorithm) == "blend":
+        parts = [from_arrays({key[len(f"part{p}."):]: value for key, value in arrays.items()
+                              if key.startswith(f"part{p}.")})
+                 for p in range(int(arrays["blend_parts"]))]
+        return BlendModel(algorithm, parts, [float(w) for w in arrays["blend_weights"]])
     if algorithm == "sparse_ease":
         left, right = (_csr_from_arrays(arrays, name) for name in ("left", "right"))
         return FactoredSimilarityModel(algorithm, weighting, left, right)

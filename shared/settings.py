@@ -40,6 +40,11 @@ class EvalProtocol(StrEnum):
     LEAVE_LAST_N = "leave-last-n"
 
 
+class EvalStratify(StrEnum):
+    USER = "user"
+    ITEM = "item"
+
+
 _CONFIG = SettingsConfigDict(
     env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
 )
@@ -258,6 +263,10 @@ class EvaluationSettings(BaseSettings):
     )
     eval_protocol: EvalProtocol = Field(
         EvalProtocol.RANDOM, description="random, temporal or leave-last-n."
+    )
+    eval_stratify: EvalStratify = Field(
+        EvalStratify.USER, description="Random protocol: 75/25 within each user (user) or "
+        "within each item (item), as Recommenders' python_stratified_split filter_by."
     )
     eval_sample_users: int = Field(
         0, ge=0, description="Test users measured per evaluation, a seeded sample with 95% "

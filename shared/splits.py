@@ -66,41 +66,59 @@ def _make_split(df: pd.DataFrame, test_mask: np.ndarray, policy: str, **params: 
     return Split(train, test, spec)
 
 
-def _shuffled_positions(df: pd.DataFrame, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-user rank (1-based) after a seeded shuffle, and each row's user row count.
+STRATIFY: tuple[str, ...] = ("user", "item")
 
-    One uniform draw per row in frame order, then a sort by (user, draw): the same scheme as
-    Microsoft Recommenders' ``python_stratified_split`` (legacy ``np.random.seed`` stream).
+
+def _shuffled_positions(df: pd.DataFrame, seed: int, by: str = USER
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Rank (1-based) of each row within its group of ``by`` after a seeded shuffle, and the
+    size of that group.
+
+    One uniform draw per row in frame order (legacy ``np.random.RandomState`` stream), then a
+    sort by (group, draw).
     """
     draws = np.random.RandomState(seed).rand(len(df))
-    users = df[USER].to_numpy()
-    order = np.lexsort((draws, users))
-    sorted_users = users[order]
-    starts = np.r_[True, sorted_users[1:] != sorted_users[:-1]]
+    groups = df[by].to_numpy()
+    order = np.lexsort((draws, groups))
+    sorted_groups = groups[order]
+    starts = np.r_[True, sorted_groups[1:] != sorted_groups[:-1]]
     group_start = np.maximum.accumulate(np.where(starts, np.arange(len(df)), 0))
     rank = np.empty(len(df), dtype=np.int64)
     rank[order] = np.arange(len(df)) - group_start + 1
-    counts = df.groupby(USER)[USER].transform("size").to_numpy()
+    counts = df.groupby(by)[by].transform("size").to_numpy()
     return rank, counts
 
 
-def random_split(df: pd.DataFrame, ratio: float = 0.75, seed: int = 42) -> Split:
-    """Per-user stratified random split: each user's first ``ratio`` share (after a seeded
-    shuffle) trains, the rest tests.
+def train_counts(counts: np.ndarray, ratio: float) -> np.ndarray:
+    """Rows of a group of each size that train: ``round(ratio * size)``, rounding half to
+    even as Python's ``round`` does (Recommenders' ``split_pandas_data_with_ratios`` cuts
+    each group at ``round(ratio * len(group))``), but at least one row."""
+    return np.maximum(np.rint(ratio * np.asarray(counts, dtype=np.float64)), 1).astype(np.int64)
 
-    Identical to Recommenders' ``python_stratified_split`` (a row trains when its shuffled rank
-    / user count <= ratio), except that users too small to keep any train row under that rule
-    stay entirely in train instead of becoming test-only cold starts.
+
+def random_split(df: pd.DataFrame, ratio: float = 0.75, seed: int = 42,
+                 stratify: str = "user") -> Split:
+    """Stratified random split: within each user (or each item, ``stratify="item"``), rows
+    are shuffled (seeded) and the first ``round(ratio * count)`` train, the rest test.
+
+    The cut is Microsoft Recommenders' ``python_stratified_split(..., filter_by=stratify)``:
+    per group, ``round(ratio * count)`` rows train, rounding half to even. Two differences:
+    the shuffle is one seeded draw per row of the frame as given (the pipeline gives it in a
+    canonical order), so which rows train differs from Recommenders' own draw while every
+    group's train count is the same; and a group that rule would leave with no train row
+    (``round`` giving 0) stays entirely in train instead of becoming a test-only cold start.
     """
     _require_columns(df, (USER, ITEM))
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio must be strictly between 0 and 1, got {ratio}")
+    if stratify not in STRATIFY:
+        raise ValueError(f"stratify must be one of {', '.join(STRATIFY)}, got {stratify!r}")
+    by = USER if stratify == "user" else ITEM
+    params = {"ratio": ratio, "seed": seed, "stratify": stratify}
     if df.empty:
-        return _make_split(df, np.zeros(0, dtype=bool), "random", ratio=ratio, seed=seed)
-    rank, counts = _shuffled_positions(df, seed)
-    test_mask = rank / counts > ratio
-    too_small = 1.0 / counts > ratio  # not even the first shuffled row would train
-    return _make_split(df, test_mask & ~too_small, "random", ratio=ratio, seed=seed)
+        return _make_split(df, np.zeros(0, dtype=bool), "random", **params)
+    rank, counts = _shuffled_positions(df, seed, by)
+    return _make_split(df, rank > train_counts(counts, ratio), "random", **params)
 
 
 def _to_unix_seconds(moment: datetime | date | str | int | float | pd.Timestamp) -> int:
@@ -182,15 +200,17 @@ def kfold_splits(df: pd.DataFrame, k: int = 5, seed: int = 42) -> list[Split]:
 def validation_split(train: pd.DataFrame, like: SplitSpec | None = None) -> Split:
     """Carve a validation split out of a training frame only, mirroring the main split policy.
 
-    Random uses the same ratio and seed; leave-last-n the same n; temporal cuts at the train-time
-    quantile that reproduces the main test share; k-fold holds out one fold's share at random.
+    Random uses the same ratio, seed and stratification; leave-last-n the same n; temporal
+    cuts at the train-time quantile that reproduces the main test share; k-fold holds out
+    one fold's share at random.
     Without ``like``, a random 75/25 split with seed 42 is used.
     """
     if like is None:
         return random_split(train)
     params = like.params
     if like.policy == "random":
-        return random_split(train, ratio=params["ratio"], seed=params["seed"])
+        return random_split(train, ratio=params["ratio"], seed=params["seed"],
+                            stratify=params.get("stratify", "user"))
     if like.policy == "leave_last_n":
         return leave_last_n(train, n=params["n"])
     if like.policy == "kfold":

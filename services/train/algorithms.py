@@ -24,6 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from shared.features import Weighting
 from shared.recommenders import (
+    BlendModel,
     FactoredSimilarityModel,
     FactorModel,
     ItemSimilarityModel,
@@ -247,6 +248,45 @@ def _fit_popular(
     return PopularityModel("popular", weighting, popularity)
 
 
+# The parts of a blend and the prefix of each part's parameters among the blend's.
+BLEND_PARTS: dict[str, tuple[str, ...]] = {"ease_als": ("ease", "als")}
+
+
+def blend_part_params(blend: str, params: Params) -> list[tuple[str, dict[str, Any]]]:
+    """Each part of ``blend`` with its own parameters (the blend's ``PART_name`` keys)."""
+    parts = []
+    for part in BLEND_PARTS[blend]:
+        prefix = f"{part}_"
+        own = {key[len(prefix):]: value for key, value in params.items()
+               if key.startswith(prefix)}
+        parts.append((part, ALGORITHMS[part].resolve_params(own)))
+    return parts
+
+
+def blend_of(blend: str, parts: list[Recommender], params: Params) -> BlendModel:
+    """The blend of fitted ``parts``: weight ``blend_weight`` on the last, the rest shared
+    evenly by the others."""
+    last = float(params["blend_weight"])
+    if not 0.0 <= last <= 1.0:
+        raise ValueError(f"{blend} blend_weight must lie in [0, 1], got {last}")
+    others = (1.0 - last) / max(len(parts) - 1, 1)
+    return BlendModel(blend, parts, [others] * (len(parts) - 1) + [last])
+
+
+def _fit_blend(
+    name: str, train_csr: sp.spmatrix, params: Params, seed: int, num_threads: int = 0
+) -> BlendModel:
+    """A blend (see BlendModel): each part fitted on the same matrix with its own
+    parameters, their standardised scores summed with the tuned weights."""
+    parts = [ALGORITHMS[part].fit_fn(train_csr, own, seed, num_threads=num_threads)
+             for part, own in blend_part_params(name, params)]
+    return blend_of(name, parts, params)
+
+
+def _prefixed(part: str, keys: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"{part}_{key}": value for key, value in keys.items()}
+
+
 # ---- registry and search spaces ------------------------------------------------------------
 
 
@@ -356,6 +396,16 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
     ),
     "popular": AlgorithmSpec("popular", _fit_popular, defaults={}, search_space={}),
 }  # fmt: skip
+# EASE and ALS blended (see BlendModel). Its parts' parameters are the blend's with the
+# part's prefix (ease_l2, als_factors, ...); the pipeline gives it those its parts were
+# tuned to in the same run, so its search is over the weight alone.
+ALGORITHMS["ease_als"] = AlgorithmSpec(
+    "ease_als", partial(_fit_blend, "ease_als"), n_trials=10,
+    defaults={"blend_weight": 0.5, "weighting": "none",
+              **_prefixed("ease", ALGORITHMS["ease"].resolve_params()),
+              **_prefixed("als", ALGORITHMS["als"].resolve_params())},
+    search_space={"blend_weight": Dimension("float", 0.05, 0.95)},
+)
 
 
 def fit_algorithm(

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from services.train.algorithms import ALGORITHMS, fit_algorithm
+from services.train.algorithms import ALGORITHMS, BLEND_PARTS, fit_algorithm
 from services.train.studies import shares_studies, study_lock, study_storage
 from services.train.tuning import (
     SharedStudy,
@@ -33,7 +33,8 @@ from shared.recommenders import default_num_threads, evaluate_model
 from shared.settings import get_settings
 
 Progress = Callable[[str, dict[str, Any]], None]
-DEFAULT_ALGORITHMS = ("popular", "itemknn_cosine", "itemknn_bm25", "als", "bpr", "ease")
+DEFAULT_ALGORITHMS = ("popular", "itemknn_cosine", "itemknn_bm25", "als", "bpr", "ease",
+                      "ease_als")
 # What the default list trains instead of an algorithm the catalogue is too large for.
 CAPPED_REPLACEMENTS = {"ease": "sparse_ease"}
 
@@ -260,6 +261,24 @@ def trial_cap(algorithm: str, n_trials: int | None = None) -> int:
     return (n_trials or spec.n_trials or 10) if spec.search_space else 0
 
 
+def item_cap(name: str, n_items: int) -> int:
+    """The most items ``name`` fits densely; a blend, the fewest of its parts'."""
+    if name in BLEND_PARTS:
+        return min(item_cap(part, n_items) for part in BLEND_PARTS[name])
+    return int(default_params(name).get("max_items", n_items))
+
+
+def part_params(name: str, trained: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """A blend's parameters for the parts trained before it in the same run: the values
+    they were tuned to on this snapshot's validation pair (a part not trained keeps its
+    defaults). None for an algorithm that is not a blend."""
+    if name not in BLEND_PARTS:
+        return None
+    chosen = {result["algorithm"]: result["params"] for result in trained}
+    return {f"{part}_{key}": value for part in BLEND_PARTS[name]
+            for key, value in chosen.get(part, {}).items()}
+
+
 def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None,
                tune: bool = True, n_trials: int | None = None,
                progress: Progress | None = None, cv_folds: int | None = None,
@@ -289,8 +308,8 @@ def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None
         # matrices above max_items) and train its sparse form in its place; asked for by
         # name, dense EASE fails with its own message.
         n_items = len(data.arrays["item_ids"])
-        names = [n if n_items <= default_params(n).get("max_items", n_items) else
-                 CAPPED_REPLACEMENTS.get(n, "") for n in names]
+        names = [n if n_items <= item_cap(n, n_items) else CAPPED_REPLACEMENTS.get(n, "")
+                 for n in names]
         names = [n for n in names if n]
     caps = [trial_cap(name, n_trials) if tune else 0 for name in names]
     workers = tuning_workers() if any(caps) else 1
@@ -301,9 +320,10 @@ def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None
         if budget and caps[position]:
             left = max(budget - (time.perf_counter() - started), 0.0)
             allowance = left * caps[position] / sum(caps[position:])
-        result = fit_on_snapshot(data, name, tune=tune, n_trials=n_trials, progress=progress,
-                                 cv_folds=cv_folds, allowance=allowance, workers=workers,
-                                 run_id=run_id, first_trial_seconds=longest)
+        result = fit_on_snapshot(data, name, part_params(name, results), tune=tune,
+                                 n_trials=n_trials, progress=progress, cv_folds=cv_folds,
+                                 allowance=allowance, workers=workers, run_id=run_id,
+                                 first_trial_seconds=longest)
         if result["tuning"]:
             longest = max(longest, result["tuning"]["longest_trial_seconds"])
         results.append(result)

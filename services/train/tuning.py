@@ -21,7 +21,15 @@ import optuna
 import pandas as pd
 import scipy.sparse as sp
 
-from services.train.algorithms import ALGORITHMS, Dimension, IterationCallback, fit_algorithm
+from services.train.algorithms import (
+    ALGORITHMS,
+    BLEND_PARTS,
+    Dimension,
+    IterationCallback,
+    blend_of,
+    blend_part_params,
+    fit_algorithm,
+)
 from services.train.ease_path import EaseLambdaPath
 from shared.features import IdIndex, interactions_csr
 from shared.recommenders import Recommender, evaluate_model
@@ -318,7 +326,9 @@ def worker_name() -> str:
 class TrialObjective:
     """One trial: draw parameters, fit on each validation pair, score its held-out users.
 
-    EASE keeps one factorisation of each fit matrix's Gram matrix for every l2 it is given.
+    EASE keeps one factorisation of each fit matrix's Gram matrix for every l2 it is given;
+    a blend keeps its parts fitted once per fit matrix and parameters, so that a trial of
+    its weight costs a scoring only.
     """
 
     def __init__(self, algorithm: str, matrices: Sequence[tuple[sp.csr_matrix, sp.csr_matrix]],
@@ -333,6 +343,7 @@ class TrialObjective:
         # of the other folds'.
         self.pruning = pruning and algorithm in PRUNING_STEPS and len(self.matrices) == 1
         self._ease_paths: dict[int, tuple[str, EaseLambdaPath]] = {}  # per fit matrix
+        self._blend_parts: dict[tuple[int, str], Recommender] = {}  # (fit matrix, part)
 
     def draw(self, trial: optuna.Trial) -> dict[str, Any]:
         if self.grid:
@@ -345,6 +356,8 @@ class TrialObjective:
 
     def model(self, position: int, fit_matrix: sp.csr_matrix, params: Mapping[str, Any],
               trial: optuna.Trial | None = None) -> Recommender:
+        if self.algorithm in BLEND_PARTS:
+            return self._blend(position, fit_matrix, params)
         if self.algorithm != "ease":
             hook = self._pruning_hook(trial, position, int(params["iterations"])) if (
                 self.pruning and trial is not None) else None
@@ -355,6 +368,17 @@ class TrialObjective:
             path = EaseLambdaPath(fit_matrix, params, self.num_threads)
             self._ease_paths[position] = (rest, path)
         return self._ease_paths[position][1].model(float(params["l2"]))
+
+    def _blend(self, position: int, fit_matrix: sp.csr_matrix, params: Mapping[str, Any]
+               ) -> Recommender:
+        parts = []
+        for part, own in blend_part_params(self.algorithm, params):
+            key = (position, f"{part}:{sorted(own.items())!r}")
+            if key not in self._blend_parts:
+                self._blend_parts[key] = fit_algorithm(part, fit_matrix, own, self.seed,
+                                                       self.num_threads)
+            parts.append(self._blend_parts[key])
+        return blend_of(self.algorithm, parts, params)
 
     def _pruning_hook(self, trial: optuna.Trial, position: int, iterations: int
                       ) -> IterationCallback:

@@ -23,7 +23,7 @@ from shared.artifacts import csr_to_arrays, write_artifact
 from shared.db import Snapshot, get_engine, session_scope
 from shared.errors import RecsysError
 from shared.features import IdIndex, filter_min_interactions, interactions_csr
-from shared.settings import EvalProtocol, get_settings
+from shared.settings import EvalProtocol, EvalStratify, get_settings
 from shared.splits import (
     Split,
     leave_last_n,
@@ -32,7 +32,7 @@ from shared.splits import (
     validation_split,
 )
 
-SCHEMA_VERSION = 2  # bump when the snapshot's arrays change meaning
+SCHEMA_VERSION = 3  # bump when the snapshot's arrays change meaning
 
 
 class SnapshotError(RecsysError):
@@ -46,6 +46,7 @@ class SnapshotParams:
     protocol: str = EvalProtocol.RANDOM.value
     ratio: float = 0.75
     seed: int = 42
+    stratify: str = EvalStratify.USER.value
     split_date: str = "2000-11-01"
     last_n: int = 1
     min_user_interactions: int = 1
@@ -56,24 +57,42 @@ class SnapshotParams:
         settings = get_settings()
         values: dict[str, Any] = {"protocol": settings.eval_protocol.value,
                                   "seed": settings.seed,
+                                  "stratify": settings.eval_stratify.value,
                                   "split_date": settings.eval_split_date.isoformat()}
         values.update({k: v for k, v in overrides.items() if v is not None})
         params = cls(**values)
         if params.protocol not in {p.value for p in EvalProtocol}:
             raise SnapshotError(f"protocol {params.protocol!r} is not one of "
                                 f"{', '.join(p.value for p in EvalProtocol)}")
+        if params.stratify not in {s.value for s in EvalStratify}:
+            raise SnapshotError(f"stratify {params.stratify!r} is not one of "
+                                f"{', '.join(s.value for s in EvalStratify)}")
         return params
 
 
 def _split(frame: pd.DataFrame, params: SnapshotParams) -> Split:
     if params.protocol == EvalProtocol.RANDOM:
-        return random_split(frame, ratio=params.ratio, seed=params.seed)
+        return random_split(frame, ratio=params.ratio, seed=params.seed,
+                            stratify=params.stratify)
     if params.protocol == EvalProtocol.LEAVE_LAST_N:
         return leave_last_n(frame, n=params.last_n)
     try:
         return temporal_split(frame, dt.date.fromisoformat(params.split_date))
     except ValueError as error:
         raise SnapshotError(f"EVAL_SPLIT_DATE {params.split_date}: {error}") from None
+
+
+def canonical_order(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (user, movie), the latest, sorted by user, time and movie: the seeded
+    split must not depend on the order the database (or a file) gives the rows in."""
+    # A user may have rated a movie and clicked it later: the latest interaction stands.
+    frame = frame.sort_values("rated_at", kind="stable")
+    # One int64 key per pair hashes faster than the two columns (the same rows are kept).
+    pair = (frame["user_id"].to_numpy(np.int64) << 32) | frame["movie_id"].to_numpy(np.int64)
+    frame = frame[~pd.Series(pair).duplicated(keep="last").to_numpy()]
+    order = np.lexsort((frame["movie_id"].to_numpy(), frame["rated_at"].to_numpy(),
+                        frame["user_id"].to_numpy()))
+    return frame.iloc[order].reset_index(drop=True)
 
 
 def _fingerprint(frame: pd.DataFrame) -> str:
@@ -115,15 +134,7 @@ def build_snapshot(params: SnapshotParams, engine: Engine | None = None,
     frame = load_ratings(engine, get_settings().feedback_implicit_rating)
     if frame.empty:
         raise SnapshotError("there are no ratings to snapshot; run `recsys ingest` first")
-    # A user may have rated a movie and clicked it later: the latest interaction stands.
-    frame = frame.sort_values("rated_at", kind="stable")
-    # One int64 key per pair hashes faster than the two columns (the same rows are kept).
-    pair = (frame["user_id"].to_numpy(np.int64) << 32) | frame["movie_id"].to_numpy(np.int64)
-    frame = frame[~pd.Series(pair).duplicated(keep="last").to_numpy()]
-    # Canonical order: the seeded split must not depend on the order the database returns.
-    order = np.lexsort((frame["movie_id"].to_numpy(), frame["rated_at"].to_numpy(),
-                        frame["user_id"].to_numpy()))
-    frame = frame.iloc[order].reset_index(drop=True)
+    frame = canonical_order(frame)
     frame = filter_min_interactions(frame, params.min_user_interactions,
                                     params.min_item_interactions).reset_index(drop=True)
     fingerprint = _fingerprint(frame)

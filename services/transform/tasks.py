@@ -10,10 +10,10 @@ from shared.celery_app import service_task
 
 @service_task("transform.snapshot")
 def snapshot(self: Any, previous: dict[str, Any] | None = None, protocol: str | None = None,
-             **overrides: Any) -> dict[str, Any]:
+             stratify: str | None = None, **overrides: Any) -> dict[str, Any]:
     """Snapshot the current ratings; in a chain `previous` is the ingest result."""
     try:
-        params = SnapshotParams.from_settings(protocol=protocol, **overrides)
+        params = SnapshotParams.from_settings(protocol=protocol, stratify=stratify, **overrides)
         return build_snapshot(params, task_id=self.request.id)
     except SnapshotError as error:
         raise SnapshotError(str(error)) from None

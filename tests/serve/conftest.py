@@ -62,7 +62,7 @@ def _drop_or_create(url: str, statement: str) -> None:
 @pytest.fixture(scope="session")
 def world(service_urls: dict[str, str], ml100k: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    """ml-100k ingested, snapshotted, three models registered, v1 (ALS) the champion."""
+    """ml-100k ingested, snapshotted, five models registered, v1 (ALS) the champion."""
     from services.ingest.ingest import ingest_source
     from services.registry import registry
     from services.train.training import fit_on_snapshot, load_snapshot
@@ -90,7 +90,8 @@ def world(service_urls: dict[str, str], ml100k: Path,
                 ("als", "als", {"factors": 16, "iterations": 6}),
                 ("als_wide", "als", {"factors": 32, "iterations": 6}),
                 ("itemknn", "itemknn_cosine", {}),
-                ("sparse_ease", "sparse_ease", {})):
+                ("sparse_ease", "sparse_ease", {}),
+                ("ease_als", "ease_als", {})):
             fitted = fit_on_snapshot(data, algorithm, params)
             versions[label] = registry.register(
                 snapshot["snapshot_id"], algorithm, fitted["params"], fitted["artifact_path"],

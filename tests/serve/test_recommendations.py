@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
@@ -152,9 +153,12 @@ def test_fold_in_for_an_item_based_model(serve_env, use_settings, serve_db: str,
         assert known["source"] == "model" and known["variant"] == "pinned"
 
 
-def test_sparse_ease_serves_fold_in_and_similar_items(serve_env, use_settings,  # type: ignore[no-untyped-def]
-                                                      serve_db: str, world: World) -> None:
-    version = world.versions["sparse_ease"]
+@pytest.mark.parametrize("label", ["sparse_ease", "ease_als"])
+def test_item_models_serve_fold_in_and_similar_items(serve_env, use_settings,  # type: ignore[no-untyped-def]
+                                                     serve_db: str, world: World,
+                                                     label: str) -> None:
+    """Sparse EASE, and the EASE + ALS blend (ALS folding the new user in beside EASE)."""
+    version = world.versions[label]
     use_settings(MODEL_VERSION=str(version))
     with TestClient(create_app(), headers={"X-API-Key": API_KEY}) as pinned:
         after = fold_in_check(pinned, serve_db, 900004)

@@ -56,6 +56,7 @@ def test_dotenv_file_is_read(use_settings, tmp_path: Path) -> None:  # type: ign
         ("BROKER_URL", "redis://x"),
         ("CACHE_TTL", "-1"),
         ("EVAL_PROTOCOL", "bootstrap"),
+        ("EVAL_STRATIFY", "movie"),
     ],
 )
 def test_invalid_value_names_the_variable(use_settings, name: str, value: str) -> None:  # type: ignore[no-untyped-def]
@@ -84,6 +85,7 @@ def test_every_documented_name_is_a_setting() -> None:
         "API_KEY",
         "DATA_SOURCE",
         "EVAL_PROTOCOL",
+        "EVAL_STRATIFY",
     } <= setting_names()
 
 

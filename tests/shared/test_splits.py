@@ -40,16 +40,10 @@ def _assert_partition(df: pd.DataFrame, split: Split) -> None:
     assert split.spec.n_train == len(split.train) and split.spec.n_test == len(split.test)
 
 
-def _recommenders_stratified(df: pd.DataFrame, ratio: float, seed: int) -> set[int]:
-    """Microsoft Recommenders' python_stratified_split train rows, transcribed for comparison."""
-    data = df.copy()
-    np.random.seed(seed)  # that implementation draws from the legacy global stream
-    data["random"] = np.random.rand(data.shape[0])
-    data = data.sort_values(["user_id", "random"])
-    groups = data.groupby("user_id")
-    data["count"] = groups["user_id"].transform("count")
-    data["rank"] = (groups.cumcount() + 1) / data["count"]
-    return set(data.index[data["rank"] <= ratio])
+def _recommenders_train_counts(df: pd.DataFrame, ratio: float, by: str) -> pd.Series:
+    """Train rows per group under Recommenders 1.2.1's python_stratified_split: each group
+    is cut at Python's round(ratio * len(group)) (split_pandas_data_with_ratios)."""
+    return df.groupby(by).size().map(lambda n: round(ratio * n))
 
 
 def test_random_split_is_seeded_and_partitions(interactions: pd.DataFrame) -> None:
@@ -58,24 +52,50 @@ def test_random_split_is_seeded_and_partitions(interactions: pd.DataFrame) -> No
     _assert_partition(interactions, first)
     assert first.train.index.equals(again.train.index)
     assert not first.train.index.equals(other.train.index)
-    assert first.spec.params == {"ratio": 0.75, "seed": 3}
+    assert first.spec.params == {"ratio": 0.75, "seed": 3, "stratify": "user"}
 
 
-def test_random_split_matches_recommenders_protocol(interactions: pd.DataFrame) -> None:
-    split = random_split(interactions, 0.75, seed=42)
-    expected = _recommenders_stratified(interactions, 0.75, 42)
-    single_row_users = interactions.groupby("user_id").filter(lambda g: len(g) == 1).index
-    # Only departure: users too small to keep a train row stay in train (not test-only).
-    assert set(split.train.index) == expected | set(single_row_users)
+@pytest.mark.parametrize("stratify, column", [("user", "user_id"), ("item", "movie_id")])
+def test_random_split_cuts_every_group_as_recommenders_does(
+    interactions: pd.DataFrame, stratify: str, column: str
+) -> None:
+    split = random_split(interactions, 0.75, seed=42, stratify=stratify)
+    expected = _recommenders_train_counts(interactions, 0.75, column)
+    n_train = split.train.groupby(column).size().reindex(expected.index, fill_value=0)
+    assert (n_train == expected).all()
+    assert split.spec.params["stratify"] == stratify
 
 
-def test_random_split_is_stratified_per_user(interactions: pd.DataFrame) -> None:
-    split = random_split(interactions, 0.75, seed=42)
-    n_rows = interactions.groupby("user_id").size()
-    n_train = split.train.groupby("user_id").size().reindex(n_rows.index, fill_value=0)
-    expected = np.where(n_rows == 1, 1, np.floor(0.75 * n_rows + 1e-9)).astype(int)
-    assert (n_train.to_numpy() == expected).all()
-    assert split.spec.cold_start_test_users == 0  # every test user keeps train history
+def test_random_split_rounds_half_to_even() -> None:
+    """Groups of 2, 6, 10 and 14 rows: 0.75 x count is 1.5, 4.5, 7.5, 10.5, which Python's
+    round takes to 2, 4, 8, 10."""
+    rows = [(user, item, 4, T0 + item) for user, size in enumerate((2, 6, 10, 14), 1)
+            for item in range(size)]
+    frame = pd.DataFrame(rows, columns=["user_id", "movie_id", "rating", "rated_at"])
+    n_train = random_split(frame, 0.75, seed=7).train.groupby("user_id").size()
+    assert n_train.to_dict() == {1: 2, 2: 4, 3: 8, 4: 10}
+
+
+def test_random_split_on_movielens_matches_the_rounding_rule(ml100k) -> None:
+    """The real ml-100k: per user and per item, round(0.75 x count) rows train; per user,
+    346 of the 943 users keep one more train row than the rank/count <= 0.75 cut kept."""
+    frame = pd.read_csv(ml100k / "u.data", sep="\t",
+                        names=["user_id", "movie_id", "rating", "rated_at"])
+    for stratify, column in (("user", "user_id"), ("item", "movie_id")):
+        split = random_split(frame, 0.75, seed=42, stratify=stratify)
+        counts = frame.groupby(column).size()
+        n_train = split.train.groupby(column).size().reindex(counts.index, fill_value=0)
+        n_test = split.test.groupby(column).size().reindex(counts.index, fill_value=0)
+        assert (n_train == _recommenders_train_counts(frame, 0.75, column)).all(), stratify
+        assert (n_train + n_test == counts).all()
+    per_user = frame.groupby("user_id").size()
+    floor_cut = np.floor(0.75 * per_user)
+    assert int((_recommenders_train_counts(frame, 0.75, "user_id") != floor_cut).sum()) == 346
+
+
+def test_random_split_rejects_bad_stratify(interactions: pd.DataFrame) -> None:
+    with pytest.raises(ValueError, match="stratify must be one of user, item, got 'movie'"):
+        random_split(interactions, 0.75, stratify="movie")
 
 
 def test_random_split_rejects_bad_ratio(interactions: pd.DataFrame) -> None:
@@ -162,8 +182,11 @@ def test_validation_is_carved_from_train_only(interactions: pd.DataFrame, make_s
 def test_validation_mirrors_the_main_parameters(interactions: pd.DataFrame) -> None:
     main = random_split(interactions, 0.8, seed=5)
     validation = validation_split(main.train, like=main.spec)
-    assert validation.spec.params == {"ratio": 0.8, "seed": 5}
-    assert validation_split(main.train).spec.params == {"ratio": 0.75, "seed": 42}
+    assert validation.spec.params == {"ratio": 0.8, "seed": 5, "stratify": "user"}
+    assert validation_split(main.train).spec.params == {"ratio": 0.75, "seed": 42,
+                                                       "stratify": "user"}
+    by_item = random_split(interactions, 0.8, seed=5, stratify="item")
+    assert validation_split(by_item.train, like=by_item.spec).spec.params["stratify"] == "item"
 
 
 def test_missing_columns_are_named() -> None:

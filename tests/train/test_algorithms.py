@@ -28,6 +28,8 @@ TINY_PARAMS = {
     "ease": {"l2": 5.0},
     "popular": {},
     "sparse_ease": {"l2": 5.0, "target_density": 0.5},
+    "ease_als": {"ease_l2": 5.0, "als_factors": 8, "als_regularization": 0.5,
+                 "als_iterations": 5, "blend_weight": 0.4},
 }
 
 
@@ -77,7 +79,7 @@ def test_scoring_in_blocks_changes_nothing(
     monkeypatch.setattr(recommenders, "SCORE_BLOCK_CELLS", 7 * 30)  # 7 users per block
     ids, scores = fitted.recommend(users, ratings, k=6)
     np.testing.assert_array_equal(ids, expected_ids)
-    np.testing.assert_allclose(scores, expected_scores, rtol=1e-6)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-6, atol=1e-6)
 
 
 def test_arrays_round_trip_gives_identical_recommendations(
@@ -253,3 +255,26 @@ def test_every_algorithm_declares_defaults_and_a_search_space() -> None:
         for dimension in spec.search_space.values():
             assert dimension.kind in ("int", "float", "choice")
             assert dimension.kind == "choice" or dimension.low < dimension.high
+
+
+def test_blend_is_the_weighted_sum_of_its_standardised_parts(ratings: sp.csr_matrix) -> None:
+    from shared.recommenders import BlendModel
+
+    blend = fit_algorithm("ease_als", ratings, TINY_PARAMS["ease_als"], seed=7, num_threads=1)
+    assert isinstance(blend, BlendModel) and list(blend.weights) == pytest.approx([0.6, 0.4])
+    ease = fit_algorithm("ease", ratings, {"l2": 5.0}, seed=7, num_threads=1)
+    als = fit_algorithm("als", ratings, TINY_PARAMS["als"], seed=7, num_threads=1)
+    users = np.arange(ratings.shape[0])
+
+    def standardised(scores: np.ndarray) -> np.ndarray:
+        scores = np.asarray(scores, dtype=np.float64)
+        return (scores - scores.mean(1, keepdims=True)) / scores.std(1, keepdims=True)
+
+    expected = 0.6 * standardised(ease.score(users, ratings)) + 0.4 * standardised(
+        als.score(users, ratings))
+    np.testing.assert_allclose(blend.score(users, ratings), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_blend_refuses_a_weight_outside_zero_to_one(ratings: sp.csr_matrix) -> None:
+    with pytest.raises(ValueError, match="ease_als blend_weight must lie in \\[0, 1\\], got 1.5"):
+        fit_algorithm("ease_als", ratings, {**TINY_PARAMS["ease_als"], "blend_weight": 1.5})

@@ -55,6 +55,27 @@ def test_random_snapshot_contents_and_idempotency(loaded: str) -> None:
     assert other["snapshot_id"] != first["snapshot_id"]
 
 
+def test_item_stratified_snapshot_cuts_each_item(loaded: str, use_settings) -> None:  # type: ignore[no-untyped-def]
+    """EVAL_STRATIFY=item: every item keeps round(0.75 x its ratings) in train, validation
+    is carved per item from train, and the snapshot is another than the per-user one."""
+    by_user = build_snapshot(SnapshotParams.from_settings(protocol="random"))
+    use_settings(EVAL_STRATIFY="item")
+    by_item = build_snapshot(SnapshotParams.from_settings(protocol="random"))
+    assert by_item["snapshot_id"] != by_user["snapshot_id"]
+    arrays, manifest = read_artifact(by_item["artifact_path"], by_item["sha256"])
+    assert manifest["split"]["params"]["stratify"] == "item"
+    assert manifest["validation"]["params"]["stratify"] == "item"
+    train, test = arrays_to_csr("train", arrays), arrays_to_csr("test", arrays)
+    per_item = np.diff(train.tocsc().indptr) + np.diff(test.tocsc().indptr)
+    expected = np.maximum(np.array([round(0.75 * n) for n in per_item]), 1)
+    assert (np.diff(train.tocsc().indptr) == expected).all()
+
+
+def test_unknown_stratify_is_a_clear_error(loaded: str) -> None:
+    with pytest.raises(SnapshotError, match="stratify 'movie' is not one of user, item"):
+        SnapshotParams.from_settings(stratify="movie")
+
+
 def test_leave_last_n_and_temporal(loaded: str) -> None:
     last = build_snapshot(SnapshotParams.from_settings(protocol="leave-last-n"))
     assert last["counts"]["test"] == 943
