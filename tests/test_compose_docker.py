@@ -111,7 +111,18 @@ class Stack:
     def up_until_champion(self) -> dict[str, Any]:
         started = time.monotonic()
         self.compose("up", "-d", timeout=900)
-        served = wait_for(self.champion, timeout=BOOTSTRAP_TIMEOUT, interval=3,
+
+        def served_or_failed() -> dict[str, Any] | None:
+            served = self.champion()
+            if served is None:
+                failed = [s for s in self.services() if s["Service"] in {"migrate", "bootstrap"}
+                          and s["State"] == "exited" and s["ExitCode"] != 0]
+                if failed:
+                    logs = self.compose("logs", "--tail", "30", failed[0]["Service"]).stdout
+                    pytest.fail(f"{failed[0]['Service']} exited {failed[0]['ExitCode']}:\n{logs}")
+            return served
+
+        served = wait_for(served_or_failed, timeout=BOOTSTRAP_TIMEOUT, interval=5,
                           what="serve to answer with a champion (bootstrap: `docker compose "
                           f"-p {PROJECT} logs bootstrap`)")
         self.note("up_to_champion", time.monotonic() - started)
