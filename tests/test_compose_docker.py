@@ -118,7 +118,7 @@ class Stack:
                 failed = [s for s in self.services() if s["Service"] in {"migrate", "bootstrap"}
                           and s["State"] == "exited" and s["ExitCode"] != 0]
                 if failed:
-                    logs = self.compose("logs", "--tail", "30", failed[0]["Service"]).stdout
+                    logs = self.compose("logs", "--tail", "120", failed[0]["Service"]).stdout
                     pytest.fail(f"{failed[0]['Service']} exited {failed[0]['ExitCode']}:\n{logs}")
             return served
 
