@@ -64,7 +64,7 @@ class Stack:
 
     env: dict[str, str]
     ports: dict[str, int]
-    report: Any
+    config: pytest.Config
     figures: dict[str, float] = field(default_factory=dict)
 
     def compose(self, *args: str, timeout: float = 600, check: bool = True
@@ -106,7 +106,12 @@ class Stack:
 
     def note(self, name: str, seconds: float) -> None:
         self.figures[name] = round(seconds, 1)
-        self.report.write_line(json.dumps({"compose_test": name, "seconds": round(seconds, 1)}))
+        self.say({"compose_test": name, "seconds": round(seconds, 1)})
+
+    def say(self, line: dict[str, Any]) -> None:
+        """A JSON line on the terminal, past pytest's output capture."""
+        with self.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+            self.config.pluginmanager.getplugin("terminalreporter").write_line(json.dumps(line))
 
     def up_until_champion(self) -> dict[str, Any]:
         started = time.monotonic()
@@ -149,8 +154,7 @@ def stack(ml100k: Path, pytestconfig: pytest.Config) -> Iterator[Stack]:
     # names .env.example lists, so a developer's .env cannot reach this project's ports.
     for name in ("POSTGRES_PORT", "RABBITMQ_PORT", "REDIS_PORT", "RECSYS_IMAGE"):
         env.pop(name, None)
-    report = pytestconfig.pluginmanager.getplugin("terminalreporter")
-    stack = Stack(env=env, ports=ports, report=report)
+    stack = Stack(env=env, ports=ports, config=pytestconfig)
     stack.compose("down", "-v", "--remove-orphans", timeout=300)  # a previous run's leftovers
     try:
         started = time.monotonic()
@@ -159,7 +163,7 @@ def stack(ml100k: Path, pytestconfig: pytest.Config) -> Iterator[Stack]:
         yield stack
     finally:
         stack.compose("down", "-v", "--remove-orphans", timeout=300, check=False)
-        report.write_line(json.dumps({"compose_test": "figures", **stack.figures}))
+        stack.say({"compose_test": "figures", **stack.figures})
 
 
 def test_first_up_serves_a_champion_and_every_service_is_healthy(stack: Stack) -> None:
