@@ -172,8 +172,15 @@ def test_paths_are_volumes(name: str, apps: dict) -> None:
 def test_dockerfile_builds_the_recsys_image() -> None:
     text = DOCKERFILE.read_text()
     lines = [line.strip() for line in text.splitlines()]
-    assert "FROM python:3.11-slim" in lines
-    assert any(line.startswith("RUN pip install .") for line in lines)
+    assert "FROM python:3.11-slim" in lines  # the runtime stage: the last FROM
+    stages = [line for line in lines if line.startswith("FROM ")]
+    assert len(stages) >= 2 and stages[-1] == "FROM python:3.11-slim", stages
+    runtime = text.split(stages[-1])[-1]
+    # The compiler and headers stay in the build stage; the runtime has the shared libraries.
+    assert "libcholmod3" in runtime and "libgomp1" in runtime
+    assert "gcc" not in runtime and "-dev" not in runtime
+    # Dependencies (the lock) before the code, so a code change keeps their layers cached.
+    assert text.index("COPY requirements.lock") < text.index("COPY shared")
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and users[-1] not in {"root", "0"}, "the image must run as a non-root user"
     assert 'ENTRYPOINT ["recsys"]' in lines
@@ -213,3 +220,25 @@ def test_datasets_override_mounts_into_the_ingest_worker() -> None:
     assert list(override) == ["ingest"]
     (mount,) = override["ingest"]["volumes"]
     assert mount.startswith("${DATASETS_DIR:?") and mount.endswith(":/datasets:ro")
+
+
+def test_every_worker_pings_its_own_node(apps: dict) -> None:
+    """`docker compose ps` shows every worker's health: a Celery ping of its node name."""
+    workers = {name: spec for name, spec in apps.items() if service_command(spec)[:1] == ["worker"]}
+    assert set(workers) == {q.value for q in ServiceQueue}
+    for name, spec in workers.items():
+        kind, command = spec["healthcheck"]["test"]
+        assert kind == "CMD-SHELL", name
+        # Interpolation leaves `$HOSTNAME` for the container's shell: the node is
+        # `<queue>@<hostname>`, as `recsys worker` names it.
+        assert "celery -A shared.celery_app:app inspect ping" in command, name
+        assert f"-d {name}@$HOSTNAME" in command, name
+
+
+def test_stop_lets_a_worker_finish_its_task(apps: dict) -> None:
+    """SIGTERM reaches Celery (init) for a warm shutdown, with time to finish the task."""
+    for name, spec in apps.items():
+        if service_command(spec)[:1] == ["worker"]:
+            assert spec["init"] is True, name
+            minutes = spec["stop_grace_period"]
+            assert minutes.endswith("m") and int(minutes[:-1]) >= 1, (name, minutes)

@@ -1,0 +1,289 @@
+"""`docker compose up` on a real Docker engine: the project's Dockerfile and compose file
+as a user runs them, with only the data sets mounted (deploy/compose.datasets.yml), a
+project name and host ports of this test's own.
+
+One compose project for the whole module: one build and `up`, then the scenarios in order
+(they share its state: the feedback row counted after `down`/`up`, ...), and `down -v`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import wait_for
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(3600)]
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+COMPOSE_FILES = [PROJECT_DIR / "docker-compose.yml",
+                 PROJECT_DIR / "deploy" / "compose.datasets.yml"]
+PROJECT = "recsys-compose-test"
+WORKERS = ("ingest", "transform", "train", "registry", "eval")
+API_KEY = "compose-test-key"
+FLOWER = ("admin", "compose-test-flower")
+COUNTED = ("movie", "rating", "ingest_batch", "feedback", "model_version")
+BOOTSTRAP_TIMEOUT = 1800.0  # build-free: the pipeline on ml-100k through the workers
+
+
+def engine_problem() -> str | None:
+    """Why no Docker engine with Compose v2 can run here, or None when one can."""
+    if shutil.which("docker") is None:
+        return "no `docker` command"
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        return "no Docker engine answers `docker info`"
+    version = subprocess.run(["docker", "compose", "version", "--short"],
+                             capture_output=True, text=True)
+    if version.returncode != 0 or not version.stdout.strip().lstrip("v").startswith("2"):
+        return "no Docker Compose v2 (`docker compose`)"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    """The compose project: its commands, its host ports and what it measured."""
+
+    env: dict[str, str]
+    ports: dict[str, int]
+    config: pytest.Config
+    figures: dict[str, float] = field(default_factory=dict)
+
+    def compose(self, *args: str, timeout: float = 600, check: bool = True
+                ) -> subprocess.CompletedProcess[str]:
+        files = [arg for path in COMPOSE_FILES for arg in ("-f", str(path))]
+        result = subprocess.run(["docker", "compose", "-p", PROJECT, *files, *args],
+                                env=self.env, cwd=PROJECT_DIR, capture_output=True, text=True,
+                                timeout=timeout)
+        if check and result.returncode != 0:
+            pytest.fail(f"`docker compose {' '.join(args)}` exited {result.returncode}:\n"
+                        f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        return result
+
+    def url(self, service: str, path: str) -> str:
+        return f"http://127.0.0.1:{self.ports[service]}{path}"
+
+    def sql(self, query: str) -> str:
+        """One value from the compose Postgres, through psql in its container."""
+        return self.compose("exec", "-T", "postgres", "psql", "-U", "recsys", "-d", "recsys",
+                            "-tAc", query).stdout.strip()
+
+    def counts(self) -> dict[str, int]:
+        return {table: int(self.sql(f"SELECT count(*) FROM {table}")) for table in COUNTED}
+
+    def champion(self) -> dict[str, Any] | None:
+        """The list serve answers for user 1 once a champion is loaded, else None."""
+        try:
+            response = httpx.get(self.url("serve", "/recommendations/1"), timeout=10)
+        except httpx.HTTPError:
+            return None
+        return response.json() if response.status_code == 200 else None
+
+    def services(self) -> list[dict[str, Any]]:
+        """`docker compose ps --all` as dicts (Compose prints one JSON object per line)."""
+        text = self.compose("ps", "--all", "--format", "json").stdout.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def note(self, name: str, seconds: float) -> None:
+        self.figures[name] = round(seconds, 1)
+        self.say({"compose_test": name, "seconds": round(seconds, 1)})
+
+    def say(self, line: dict[str, Any]) -> None:
+        """A JSON line on the terminal, past pytest's output capture."""
+        with self.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+            self.config.pluginmanager.getplugin("terminalreporter").write_line(json.dumps(line))
+
+    def up_until_champion(self) -> dict[str, Any]:
+        started = time.monotonic()
+        self.compose("up", "-d", timeout=900)
+
+        def served_or_failed() -> dict[str, Any] | None:
+            served = self.champion()
+            if served is None:
+                failed = [s for s in self.services() if s["Service"] in {"migrate", "bootstrap"}
+                          and s["State"] == "exited" and s["ExitCode"] != 0]
+                if failed:
+                    logs = self.compose("logs", "--tail", "120", failed[0]["Service"]).stdout
+                    pytest.fail(f"{failed[0]['Service']} exited {failed[0]['ExitCode']}:\n{logs}")
+            return served
+
+        served = wait_for(served_or_failed, timeout=BOOTSTRAP_TIMEOUT, interval=5,
+                          what="serve to answer with a champion (bootstrap: `docker compose "
+                          f"-p {PROJECT} logs bootstrap`)")
+        self.note("up_to_champion", time.monotonic() - started)
+        return served
+
+
+@pytest.fixture(scope="module")
+def stack(ml100k: Path, pytestconfig: pytest.Config) -> Iterator[Stack]:
+    problem = engine_problem()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"{problem}: CI runs the Docker tests (.ci/run installs the engine "
+                        "and Compose v2, then builds the stand-in images)", pytrace=False)
+        pytest.skip(f"{problem}; these tests need a Docker engine")
+    ports = {"serve": free_port(), "flower": free_port(), "prometheus": free_port(),
+             "rabbitmq": free_port()}
+    env = {**os.environ,
+           "SERVE_PORT": str(ports["serve"]), "FLOWER_PORT": str(ports["flower"]),
+           "PROMETHEUS_PORT": str(ports["prometheus"]),
+           "RABBITMQ_MANAGEMENT_PORT": str(ports["rabbitmq"]),
+           "DATASETS_DIR": str(ml100k.parent), "DATA_SOURCE": f"/datasets/{ml100k.name}",
+           "API_KEY": API_KEY, "FLOWER_USER": FLOWER[0], "FLOWER_PASSWORD": FLOWER[1]}
+    # Compose gives shell variables precedence over the checkout's .env; drop the other
+    # names .env.example lists, so a developer's .env cannot reach this project's ports.
+    for name in ("POSTGRES_PORT", "RABBITMQ_PORT", "REDIS_PORT", "RECSYS_IMAGE"):
+        env.pop(name, None)
+    stack = Stack(env=env, ports=ports, config=pytestconfig)
+    stack.compose("down", "-v", "--remove-orphans", timeout=300)  # a previous run's leftovers
+    try:
+        started = time.monotonic()
+        stack.compose("build", timeout=3000)
+        stack.note("build", time.monotonic() - started)
+        yield stack
+    finally:
+        stack.compose("down", "-v", "--remove-orphans", timeout=300, check=False)
+        stack.say({"compose_test": "figures", **stack.figures})
+
+
+def test_first_up_serves_a_champion_and_every_service_is_healthy(stack: Stack) -> None:
+    served = stack.up_until_champion()
+    assert served["variant"] == "champion" and served["items"], served
+    assert served["model_version"] >= 1
+
+    def all_healthy() -> bool:
+        states = {s["Service"]: s for s in stack.services()}
+        checked = [*WORKERS, "postgres", "rabbitmq", "redis", "serve"]
+        return all(states[name]["Health"] == "healthy" for name in checked) and all(
+            states[name]["State"] == "exited" and states[name]["ExitCode"] == 0
+            for name in ("migrate", "bootstrap"))
+
+    wait_for(all_healthy, timeout=180, interval=5,
+             what="every worker, server and serve healthy, migrate and bootstrap exited 0")
+    assert {s["Service"] for s in stack.services() if s["State"] == "running"} >= {
+        *WORKERS, "serve", "flower", "prometheus", "beat", "policy"}
+
+
+def test_feedback_with_the_api_key_is_stored_in_the_compose_postgres(stack: Stack) -> None:
+    event = {"event_id": str(uuid.uuid4()), "user_id": 1, "movie_id": 1, "type": "rating",
+             "value": 4.0}
+    refused = httpx.post(stack.url("serve", "/feedback"), json=event, timeout=10)
+    assert refused.status_code == 401, refused.text
+    accepted = httpx.post(stack.url("serve", "/feedback"), json=event, timeout=10,
+                          headers={"X-API-Key": API_KEY})
+    assert accepted.status_code == 202, accepted.text
+    query = f"SELECT user_id, movie_id, type, value FROM feedback WHERE event_id = " \
+            f"'{event['event_id']}'"
+    row = wait_for(lambda: stack.sql(query), timeout=60, interval=1,
+                   what="the feedback row in the compose Postgres")
+    assert row == "1|1|rating|4"
+
+
+def test_flower_asks_for_credentials(stack: Stack) -> None:
+    assert httpx.get(stack.url("flower", "/"), timeout=10).status_code == 401
+    assert httpx.get(stack.url("flower", "/"), auth=("admin", "wrong"),
+                     timeout=10).status_code == 401
+    assert httpx.get(stack.url("flower", "/"), auth=FLOWER, timeout=10).status_code == 200
+
+
+def test_prometheus_scrapes_every_worker(stack: Stack) -> None:
+    def targets() -> dict[str, str]:
+        response = httpx.get(stack.url("prometheus", "/api/v1/targets"), timeout=10)
+        return {t["labels"]["instance"].split(":")[0]: t["health"]
+                for t in response.json()["data"]["activeTargets"]}
+
+    wait_for(lambda: set(targets().values()) == {"up"}, timeout=120, interval=3,
+             what="Prometheus to report every worker target up")
+    assert targets() == dict.fromkeys(WORKERS, "up")
+
+
+def active_train_tasks(stack: Stack) -> list[dict[str, Any]]:
+    """What the train worker's pool runs now, asked of its own node."""
+    result = stack.compose("exec", "-T", "train", "sh", "-c",
+                           "celery -A shared.celery_app:app inspect active -j "
+                           "-d train@$HOSTNAME --timeout 10", check=False)
+    if result.returncode != 0:
+        return []
+    start = result.stdout.find("{")
+    replies = json.loads(result.stdout[start:]) if start >= 0 else {}
+    return [task for tasks in replies.values() for task in tasks]
+
+
+def test_a_worker_killed_mid_task_comes_back_and_the_task_completes_once(
+        stack: Stack) -> None:
+    before = int(stack.sql("SELECT count(*) FROM model_version"))
+    (container,) = stack.compose("ps", "-q", "train").stdout.split()
+    # A retrain of one algorithm on the snapshot bootstrap made, from the ingest container
+    # (it waits for the chain), with enough trials that the kill lands inside train.tune.
+    retrain = subprocess.Popen(
+        ["docker", "compose", "-p", PROJECT,
+         *[arg for path in COMPOSE_FILES for arg in ("-f", str(path))],
+         "exec", "-T", "ingest", "recsys", "pipeline", "--stages", "train,register",
+         "--algorithms", "als", "--trials", "40", "--json"],
+        env=stack.env, cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        running = wait_for(lambda: active_train_tasks(stack), timeout=300, interval=1,
+                           what="train.tune to run on the train worker")
+        assert running[0]["name"] == "train.tune", running
+        # SIGKILL to the container's init from the host: Docker sees a crash (a
+        # `docker kill` would count as a stop, which the restart policy honours).
+        pid = int(subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", container],
+                                 capture_output=True, text=True, check=True).stdout)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: subprocess.run(
+            ["docker", "inspect", "-f", "{{.RestartCount}}", container],
+            capture_output=True, text=True).stdout.strip() not in {"", "0"},
+            timeout=60, interval=1, what="Docker to restart the killed train container")
+        out, err = retrain.communicate(timeout=1200)
+    finally:
+        if retrain.poll() is None:
+            retrain.kill()
+    assert retrain.returncode == 0, f"the retrain failed after the kill:\n{err[-3000:]}"
+    summary = json.loads(out[out.index("{"):])
+    assert [t["algorithm"] for t in summary["trained"]] == ["als"]
+    assert int(stack.sql("SELECT count(*) FROM model_version")) == before + 1
+    wait_for(lambda: {s["Service"]: s["Health"] for s in stack.services()}["train"]
+             == "healthy", timeout=180, interval=5, what="the restarted train worker healthy")
+
+
+def test_down_then_up_keeps_the_champion_and_the_rows(stack: Stack) -> None:
+    champion, counts = stack.champion(), stack.counts()
+    assert champion is not None
+    stack.compose("down", timeout=600)
+    assert not stack.compose("ps", "--all", "-q").stdout.strip()
+    served = stack.up_until_champion()
+    assert served["model_version"] == champion["model_version"]
+    assert served["variant"] == "champion"
+    # Same rows, so bootstrap found the champion and trained nothing on the second `up`.
+    assert stack.counts() == counts
+
+
+def test_down_v_leaves_nothing_behind(stack: Stack) -> None:
+    stack.compose("down", "-v", "--remove-orphans", timeout=600)
+    label = f"label=com.docker.compose.project={PROJECT}"
+    for kind in ("container", "volume", "network"):
+        listed = subprocess.run(["docker", kind, "ls", *(["--all"] if kind == "container"
+                                                        else []), "-q", "--filter", label],
+                                capture_output=True, text=True, check=True).stdout.split()
+        assert not listed, f"`down -v` left {kind}s of {PROJECT}: {listed}"
