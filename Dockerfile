@@ -20,6 +20,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services
+COPY dashboard ./dashboard
 RUN pip install . && rm -rf build ./*.egg-info
 
 # Non-root; /data and /models are made here so the named volumes start owned by it.
