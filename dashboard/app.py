@@ -198,6 +198,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return RedirectResponse("/models", status_code=303)
         response = page(request, "_action.html", ok=ok, message=message)
         response.status_code = status
+        if ok:  # the page's registry section reloads itself (models.html)
+            response.headers["HX-Trigger"] = "registry-changed"
         return response
 
     def move(request: Request, task: str, kwargs: dict[str, Any]) -> Response:

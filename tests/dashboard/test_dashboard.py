@@ -125,6 +125,8 @@ def test_overview_counts_and_a_promote_seen_live(logged_in, dashboard_env: dict[
         models.locator("#action .good").wait_for(timeout=60_000)
         assert dialogs == [f"Promote v{target} (als) to champion?"]
         assert f"champion is now v{target}" in models.locator("#action").inner_text()
+        wait_for(lambda: "champion" in row.locator(".aliases").inner_text(), timeout=30,
+                 what="the Models page to show the moved alias")
         screenshot(models, "models")
     assert champion_in_postgres(serve_db) == target
     # The overview page, not reloaded, shows the new champion by its polling.
