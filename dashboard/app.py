@@ -10,6 +10,8 @@ admin API does (services/serve/admin.py).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import secrets
 import threading
 import time
@@ -177,16 +179,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             snapshots = queries.lineage(session)
         ks = sorted({int(m.group(2)) for v in data["versions"] for key in v["metrics"]
                      if (m := report.TEST_METRIC.match(key))})
-        focus = report.focus_snapshot(data)
-        shown = [v for v in data["versions"] if v["snapshot"] == focus and v["metrics"]]
-        curves = (plots.metric_curves(shown, shown[0]["baseline"] if shown else None, ks)
-                  if shown and ks else None)
-        over_versions = (plots.versions_figure(data["versions"], data["alias_changes"],
-                                               "ndcg@10") if data["versions"] else None)
+        curves, over_versions = registry_figures(data, ks)
         return {"versions": list(reversed(data["versions"])), "ks": ks,
                 "metric_names": ("ndcg", "precision", "recall", "map", "hit_rate"),
                 "history": history, "snapshots": snapshots, "curves": curves,
                 "over_versions": over_versions}
+
+    figures: dict[str, tuple[str | None, str | None]] = {}  # the last registry state's
+    drawing = threading.Lock()  # pyplot keeps global state: one figure at a time
+
+    def registry_figures(data: dict[str, Any], ks: list[int]
+                         ) -> tuple[str | None, str | None]:
+        """The report's two registry figures, drawn again only when what they show
+        changed (a second or more of matplotlib each)."""
+        key = hashlib.sha256(json.dumps([data["versions"], data["alias_changes"], ks],
+                                        sort_keys=True, default=str).encode()).hexdigest()
+        with drawing:
+            if key in figures:
+                return figures[key]
+            focus = report.focus_snapshot(data)
+            shown = [v for v in data["versions"] if v["snapshot"] == focus and v["metrics"]]
+            figures.clear()
+            figures[key] = (
+                plots.metric_curves(shown, shown[0]["baseline"], ks) if shown and ks else None,
+                plots.versions_figure(data["versions"], data["alias_changes"], "ndcg@10")
+                if data["versions"] else None)
+            return figures[key]
 
     @app.get("/models", response_class=HTMLResponse)
     def models_page(request: Request, _user: Login) -> HTMLResponse:
@@ -274,7 +292,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if data["online"]:  # promotions inside the plotted span are marked on it
             first = min(r["window_start"] for r in data["online"])
             marked = [c for c in changes if c["created_at"] and c["created_at"] >= first]
-        figure = plots.online_figure(data["online"], marked) if data["online"] else None
+        with drawing:
+            figure = plots.online_figure(data["online"], marked) if data["online"] else None
         return page(request, "online.html", rows=list(reversed(data["online"][-200:])),
                     figure=figure, changes=changes)
 

@@ -63,6 +63,9 @@ def browser() -> Iterator[object]:
 def logged_in(browser, dashboard_url: str):  # type: ignore[no-untyped-def]
     """A browser context logged in through the form; yields (context, base URL)."""
     context = browser.new_context(viewport={"width": 1360, "height": 900})
+    # The machine is shared: a page drawing matplotlib figures may wait for a core.
+    context.set_default_timeout(120_000)
+    context.set_default_navigation_timeout(120_000)
     page = context.new_page()
     page.goto(f"{dashboard_url}/")
     assert page.url.startswith(f"{dashboard_url}/login"), page.url
