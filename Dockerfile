@@ -40,6 +40,7 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services
 COPY recsys ./recsys
+COPY dashboard ./dashboard
 RUN pip wheel --no-deps --wheel-dir /dist .
 
 FROM python:3.11-slim

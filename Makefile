@@ -43,7 +43,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check recsys shared services tests bench
+	$(BIN)/ruff check recsys shared services dashboard tests bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py

@@ -343,6 +343,29 @@ def flower(
 
 
 @app.command()
+def dashboard(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
+    port: int = typer.Option(None, "--port", min=1, max=65535, help="DASHBOARD_PORT when "
+                             "omitted."),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Start the dashboard: the recommender's state and decisions in the browser, behind a
+    login (DASHBOARD_USER, DASHBOARD_PASSWORD)."""
+    import uvicorn
+
+    settings = get_settings()
+    ensure_schema(server_may_be_down=True)
+    if not settings.dashboard_password.get_secret_value().strip():
+        # Production refused this at start-up (shared/settings.py); this is development.
+        err.print("[yellow]warning:[/] DASHBOARD_PASSWORD is not set: the dashboard accepts "
+                  f"{settings.dashboard_user} with the development password; set "
+                  "DASHBOARD_PASSWORD before anyone else can reach it", highlight=False)
+    # One process: its sessions are signed with a key made at start-up.
+    uvicorn.run("dashboard.app:create_app", factory=True, host=host,
+                port=port or settings.dashboard_port, workers=1, log_level=log_level)
+
+
+@app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
     port: int = typer.Option(None, "--port", min=1, max=65535, help="SERVE_PORT when omitted."),

@@ -166,6 +166,32 @@ def _workers(settings: Settings) -> Check:
     return Check("workers", True, f"answering per queue: {detail}")
 
 
+def live_checks(settings: Settings) -> list[Check]:
+    """What an operator watches: database, broker, cache and the workers per queue (one
+    ping answers for every queue), without the slower artifact and disk checks."""
+    database, engine = _database(settings)
+    if engine is not None:
+        engine.dispose()
+    broker = _broker(settings)
+    checks = [database, broker, _cache(settings)]
+    if not broker.ok:
+        return checks
+    if not settings.broker_url:
+        return [*checks, _workers(settings)]
+    from shared.celery_app import ServiceQueue, app  # configured by the caller
+
+    try:
+        nodes = [node for reply in app.control.ping(timeout=1.0) for node in reply]
+    except Exception as error:  # noqa: BLE001 - any transport error: no worker answered
+        return [*checks, Check("workers", False, f"ping failed: {_first_line(error)}",
+                               "start the workers")]
+    for queue in ServiceQueue:
+        count = sum(1 for node in nodes if node.startswith(f"{queue.value}@"))
+        checks.append(Check(f"worker {queue.value}", count > 0, f"{count} answering",
+                            "" if count else f"start `recsys worker {queue.value}`"))
+    return checks
+
+
 def _models(engine: Any) -> list[Check]:
     from sqlalchemy import select
     from sqlalchemy.orm import Session

@@ -23,6 +23,8 @@ PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "changethis", "secret", "dev
 # Flower's password when FLOWER_PASSWORD is empty in development (logged when used);
 # production refuses it like any placeholder.
 DEV_FLOWER_PASSWORD = "recsys-dev"
+# The dashboard's, likewise: DASHBOARD_PASSWORD empty in development means this one.
+DEV_DASHBOARD_PASSWORD = "recsys-dev"
 
 
 class SettingsError(RecsysError):
@@ -227,6 +229,14 @@ class MonitoringSettings(BaseSettings):
         "development and is refused in production.",
     )
     flower_port: int = Field(5555, ge=1, le=65535, description="Port Flower listens on.")
+    dashboard_user: str = Field("admin", description="User name of the dashboard's login.")
+    dashboard_password: SecretStr = Field(
+        SecretStr(""),
+        description=f"Password of the dashboard's login; empty means {DEV_DASHBOARD_PASSWORD!r} "
+        "in development and is refused in production.",
+    )
+    dashboard_port: int = Field(8050, ge=1, le=65535,
+                                description="Port `recsys dashboard` listens on.")
     worker_metrics_port: int = Field(
         0,
         ge=0,
@@ -242,6 +252,14 @@ class MonitoringSettings(BaseSettings):
         # Flower splits its basic-auth option on commas and the credential on the colon.
         if not value or any(c in value for c in ":,"):
             raise ValueError(f"expected a non-empty name without ':' or ',', got {value!r}")
+        return value
+
+    @field_validator("dashboard_user")
+    @classmethod
+    def _dashboard_user(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("expected a non-empty user name")
         return value
 
     # A model validator, not a field one: a field's error would echo the password.
@@ -386,6 +404,11 @@ class Settings(
                 raise ValueError(
                     "FLOWER_PASSWORD must be set to a real secret when ENVIRONMENT=production"
                 )
+            password = self.dashboard_password.get_secret_value().strip().lower()
+            if password in PLACEHOLDER_SECRETS | {DEV_DASHBOARD_PASSWORD}:
+                raise ValueError(
+                    "DASHBOARD_PASSWORD must be set to a real secret when ENVIRONMENT=production"
+                )
         return self
 
     @property
@@ -400,6 +423,14 @@ class Settings(
         if not password.strip() and self.environment is Environment.DEVELOPMENT:
             password = DEV_FLOWER_PASSWORD
         return f"{self.flower_user}:{password}"
+
+    @property
+    def dashboard_credentials(self) -> tuple[str, str]:
+        """The dashboard's (user, password); the development password when none is set."""
+        password = self.dashboard_password.get_secret_value()
+        if not password.strip() and self.environment is Environment.DEVELOPMENT:
+            password = DEV_DASHBOARD_PASSWORD
+        return self.dashboard_user, password
 
     @property
     def resolved_database_url(self) -> str:

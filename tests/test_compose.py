@@ -193,7 +193,7 @@ def test_only_the_uis_are_published_and_on_loopback(services: dict) -> None:
                  for name, spec in services.items() if spec.get("ports")}
     targets = {name: {p.split(":")[-1] for p in ports} for name, ports in published.items()}
     assert targets == {"rabbitmq": {"15672"}, "serve": {"8000"}, "flower": {"5555"},
-                       "prometheus": {"9090"}}
+                       "dashboard": {"8050"}, "prometheus": {"9090"}}
     override = yaml.safe_load(PORTS_OVERRIDE.read_text())["services"]
     assert {name: [p.split(":")[-1] for p in spec["ports"]] for name, spec in override.items()
             } == {"postgres": ["5432"], "rabbitmq": ["5672"], "redis": ["6379"]}

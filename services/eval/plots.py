@@ -200,8 +200,10 @@ def _short_time(value: dt.datetime | None) -> str:
     return value.strftime("%m-%d %H:%M") if value else "?"
 
 
-def online_figure(rows: list[dict[str, Any]]) -> str:
-    """CTR@k and hit rate per variant over each window's end."""
+def online_figure(rows: list[dict[str, Any]],
+                  promotions: list[dict[str, Any]] | None = None) -> str:
+    """CTR@k and hit rate per variant over each window's end; each champion move in
+    `promotions` (alias changes) a dotted vertical line."""
     with figure(11.5, 3.8, ncols=2, sharex=True) as (fig, (ctr, hits)):
         variants = sorted({r["variant"] for r in rows}, key=variant_rank)
         for position, variant in enumerate(variants):
@@ -220,6 +222,12 @@ def online_figure(rows: list[dict[str, Any]]) -> str:
         hits.set_title("hit rate per window (lists with a click)")
         hits.set_ylabel("hit rate")
         for ax in (ctr, hits):
+            for move in promotions or []:
+                ax.axvline(move["created_at"], linestyle=":", linewidth=1.4,
+                           color="#D55E00" if move["action"] == "rollback" else INK)
+                ax.annotate(f"v{move['to_version']}", (move["created_at"], 1), xytext=(3, -10),
+                            xycoords=("data", "axes fraction"), textcoords="offset points",
+                            fontsize=8, color=MUTED)
             ax.set_xlabel("window end (UTC)")
             ax.set_ylim(bottom=0)
             ax.legend(loc="lower left")

@@ -41,7 +41,8 @@ def test_production_refuses_a_missing_or_placeholder_password(
 def test_credentials_in_production_and_development(
     monitoring_env: pytest.MonkeyPatch, use_settings  # type: ignore[no-untyped-def]
 ) -> None:
-    use_settings(ENVIRONMENT="production", API_KEY="a-real-api-key", FLOWER_PASSWORD=PASSWORD)
+    use_settings(ENVIRONMENT="production", API_KEY="a-real-api-key", FLOWER_PASSWORD=PASSWORD,
+                 DASHBOARD_PASSWORD="a-real-dashboard-secret")
     assert get_settings().flower_basic_auth == f"admin:{PASSWORD}"
     monitoring_env.delenv("FLOWER_PASSWORD")
     use_settings(ENVIRONMENT="development", FLOWER_USER="ops")
