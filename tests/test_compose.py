@@ -116,7 +116,8 @@ def test_every_interpolated_variable_is_in_env_example() -> None:
 
 
 def test_servers_have_healthchecks(services: dict) -> None:
-    expected = {"postgres": "pg_isready", "rabbitmq": "rabbitmq-diagnostics -q check_port_connectivity",
+    expected = {"postgres": "pg_isready",
+                "rabbitmq": "rabbitmq-diagnostics -q check_port_connectivity",
                 "redis": "redis-cli ping"}
     for name, probe in expected.items():
         check = services[name].get("healthcheck")
