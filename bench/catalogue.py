@@ -62,7 +62,7 @@ def run_pipeline(source: Path, workdir: Path, options: list[str]) -> dict[str, A
     env.update(DATA_PATH=str(workdir / "data"), MODEL_PATH=str(workdir / "models"),
                DATA_SOURCE=str(source))
     # The checkout's own code (the working directory comes first on the module path).
-    command = [sys.executable, "-m", "shared.cli", "pipeline", "--stages", "all", "--json",
+    command = [sys.executable, "-m", "recsys.cli", "pipeline", "--stages", "all", "--json",
                *options]
     clock = time.perf_counter()
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
