@@ -17,7 +17,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from services.train.algorithms import ALGORITHMS, BLEND_PARTS, fit_algorithm
+from services.train.algorithms import (
+    ALGORITHMS,
+    BLEND_PARTS,
+    IterationCallback,
+    StopFitting,
+    fit_algorithm,
+)
 from services.train.estimates import Estimate, first_trial_estimate
 from services.train.studies import shares_studies, study_lock, study_storage
 from services.train.tuning import (
@@ -108,7 +114,7 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
     deadline = None if allowance is None else time.time() + allowance
     fit_scale = data.arrays["train.data"].size / max(pair[0].nnz, 1)
     estimate = Estimate(0.0, 0.0, "")
-    if deadline is not None and trials:
+    if deadline is not None and trials and deadline > time.time():
         estimate = first_trial_estimate(algorithm, pair[0], base, settings.seed, threads(),
                                         measured or {})
     first_trial_seconds = estimate.seconds
@@ -178,7 +184,16 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
     if progress:
         progress("fit", {"algorithm": algorithm, "params": chosen})
     fitting = time.perf_counter()
-    model = fit_algorithm(algorithm, data.matrix("train"), chosen, settings.seed, threads())
+    stopped: list[int] = []
+    hook = final_fit_stop(deadline, stopped) if (
+        deadline is not None and algorithm in PRUNING_STEPS) else None
+    model = fit_algorithm(algorithm, data.matrix("train"), chosen, settings.seed, threads(),
+                          on_iteration=hook)
+    if stopped:
+        tuning = tuning or {}
+        tuning["final_fit_cut"] = (f"deadline: the final fit stopped after iteration "
+                                   f"{stopped[0]} of {chosen['iterations']}")
+        chosen = {**chosen, "iterations": stopped[0]}
     if tuning is not None:
         tuning["fit_seconds"] = round(time.perf_counter() - fitting, 3)
     arrays = {**model.to_arrays(), "user_ids": data.arrays["user_ids"],
@@ -196,6 +211,25 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
             "validation": manifest["validation"], "tuned": bool(tune and spec.search_space),
             "cross_validation": spread, "tuning": tuning,
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def final_fit_stop(deadline: float, stopped: list[int]) -> IterationCallback:
+    """Ends an ALS/BPR final fit at the iteration after which one more, at the pace of
+    those after the first, would end past ``deadline``; the iterations done go to
+    ``stopped`` and the model is that of those iterations."""
+    started = time.perf_counter()
+    first = [0.0]
+
+    def hook(iteration: int, _current: Any) -> None:
+        now = time.perf_counter()
+        if iteration == 1:
+            first[0] = now - started
+        pace = (now - started - first[0]) / (iteration - 1) if iteration > 1 else first[0]
+        if time.time() + pace > deadline:
+            stopped.append(iteration)
+            raise StopFitting
+
+    return hook
 
 
 def slack_seconds(tuning: dict[str, Any]) -> float:

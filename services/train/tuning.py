@@ -201,6 +201,7 @@ def tune_matrices(
         grid=grid, fixed_params=fixed_params, num_threads=num_threads,
         validation_users=validation_users, pruning=pruning)
     objective.deadline, objective.fit_scale = deadline, fit_scale
+    key = objective.key
 
     if not objective.space and not grid:  # nothing to search (e.g. the popularity baseline)
         started = time.perf_counter()
@@ -370,7 +371,7 @@ class TrialObjective:
     def model(self, position: int, fit_matrix: sp.csr_matrix, params: Mapping[str, Any],
               trial: optuna.Trial | None = None) -> Recommender:
         if self.algorithm in BLEND_PARTS:
-            return self._blend(position, fit_matrix, params)
+            return self._blend(position, fit_matrix, params, trial)
         if self.algorithm != "ease":
             hook = self.iteration_hook(self.algorithm, trial, position, params)
             return fit_algorithm(self.algorithm, fit_matrix, params, self.seed,
@@ -381,8 +382,8 @@ class TrialObjective:
             self._ease_paths[position] = (rest, path)
         return self._ease_paths[position][1].model(float(params["l2"]))
 
-    def _blend(self, position: int, fit_matrix: sp.csr_matrix, params: Mapping[str, Any]
-               ) -> Recommender:
+    def _blend(self, position: int, fit_matrix: sp.csr_matrix, params: Mapping[str, Any],
+               trial: optuna.Trial | None = None) -> Recommender:
         parts = []
         for part, own in blend_part_params(self.algorithm, params):
             key = (position, f"{part}:{sorted(own.items())!r}")
@@ -485,7 +486,8 @@ class TrialClock:
     """What a budgeted search expects of its next trial and of the final fit after it.
 
     A trial is expected to take as long as the longest trial of the study so far (pruned
-    ones included, from any worker; one cut at the deadline by its projected length); before any has ended, ``first_trial_seconds``. The
+    ones included, from any worker; one cut at the deadline by its projected length);
+    before any has ended, ``first_trial_seconds``. The
     final fit of the best parameters is expected to take ``fit_scale`` times that (the
     caller's ratio of the train split's size to the validation fit matrix's).
     """

@@ -188,12 +188,10 @@ def test_a_tiny_budget_holds_for_the_default_algorithms(use_settings, tmp_path: 
     assert list(by_name) == ["popular", "itemknn_cosine", "itemknn_bm25", "als", "bpr",
                              "ease", "ease_als"]
     assert by_name["popular"]["artifact_path"] and not by_name["popular"].get("skipped")
+    # Its first trial and its final fit are each a 3,000 x 3,000 solve: more than the budget.
     ease = by_name["ease"]["tuning"]
     assert by_name["ease"]["skipped"] and by_name["ease"]["artifact_path"] is None
-    assert ease["trials_run"] == 0 and ease["cut_reason"].startswith(
-        "skipped: its final fit, expected to take")
-    assert ease["first_trial_estimate_seconds"] > 0 and "eigendecomposition" in ease[
-        "estimate_rule"]
+    assert ease["trials_run"] == 0 and ease["cut_reason"].startswith("skipped: its ")
     for model in trained:
         cut = model["tuning"] and model["tuning"]["trials_cut"]
         assert not cut or model["tuning"]["cut_reason"], model["tuning"]
