@@ -240,7 +240,7 @@ def direct_stages(algorithms: list[str], trials: int) -> tuple[float, dict[str, 
     registered = [registry.register(
         snapshot_id=t["snapshot"]["snapshot_id"], algorithm=t["algorithm"], params=t["params"],
         artifact_path=t["artifact_path"], sha256=t["sha256"], metrics=t.get("validation", {}),
-    ) | {"snapshot_artifact": t["snapshot"]} for t in trained]
+    ) | {"snapshot_artifact": t["snapshot"]} for t in trained if not t.get("skipped")]
     evaluated = evaluate_versions(registered)
     decision = registry.promote_if_better(evaluated)
     return time.perf_counter() - clock, decision

@@ -169,6 +169,13 @@ def run_once(label: str, dataset: Any, args: argparse.Namespace, broker_url: str
         row["peak_rss_mb"] = round(peaks.mb(service_of[row["stage"]]), 1)
         log(f"{label}: {row['stage']:<10} {row['seconds']:>9.2f} s   peak RSS "
             f"{row['peak_rss_mb']:>8.1f} MB ({service_of[row['stage']]})")
+    for model in train:  # what the tuning budget did to each algorithm
+        tuning = model.get("tuning") or {}
+        log(f"{label}: trained {model['algorithm']:<15} "
+            f"{'skipped' if model.get('skipped') else 'fitted':<8}"
+            f"trials {tuning.get('trials_run', 0)}/{tuning.get('trials_cap', 0)}  "
+            f"share {tuning.get('allowance_seconds')} s  fit {tuning.get('fit_seconds')} s  "
+            f"slack {tuning.get('slack_seconds')} s  cut: {tuning.get('cut_reason')}")
     log(f"{label}: ingest start -> serve answers v{champion} "
         f"({decision['champion']['algorithm']}): {seconds:.2f} s")
     return {"seconds": seconds, "stages": stages, "champion": decision["champion"],

@@ -102,6 +102,8 @@ def run_seed(frame: pd.DataFrame, seed: int, algorithms: list[str] | None,
     train, test = data.matrix("train"), data.matrix("test")
     figures: dict[str, dict[str, float]] = {}
     for result in train_many(snapshot, algorithms, tune=True, n_trials=trials):
+        if result.get("skipped"):  # the tuning budget left it no time for its final fit
+            continue
         arrays, _ = read_artifact(result["artifact_path"], result["sha256"])
         model = from_arrays(arrays)
         measured = evaluate_model(model, train, test, (K,))

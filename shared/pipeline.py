@@ -150,8 +150,10 @@ def run_pipeline(stages: str | None = None, stage: str | None = None,
             "trials_run": sum(t["trials_run"] for t in tuned),
             "trials_cut": sum(t["trials_cut"] for t in tuned),
             "cut": [{"algorithm": t["algorithm"], "trials_cut": t["tuning"]["trials_cut"],
-                     "reason": t["tuning"].get("cut_reason")}
+                     "reason": t["tuning"].get("cut_reason"),
+                     "skipped": bool(t.get("skipped"))}
                     for t in outputs["train"] if t.get("tuning") and t["tuning"]["trials_cut"]],
+            "slack_seconds": max((t.get("slack_seconds", 0.0) for t in tuned), default=0.0),
         }
     if "evaluate" in outputs:
         summary["models"] = outputs["evaluate"]["models"]

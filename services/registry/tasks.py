@@ -11,8 +11,10 @@ from shared.metrics import GATE_METRIC
 
 @service_task("registry.register")
 def register(self: Any, trained: list[dict[str, Any]] | dict[str, Any]) -> list[dict[str, Any]]:
-    """Register trained models (one or a list); the same fit gives the same version."""
-    items = trained if isinstance(trained, list) else [trained]
+    """Register trained models (one or a list); the same fit gives the same version. An
+    algorithm the tuning budget skipped has no model to register."""
+    items = [t for t in (trained if isinstance(trained, list) else [trained])
+             if not t.get("skipped")]
     return [
         registry.register(
             snapshot_id=t["snapshot"]["snapshot_id"], algorithm=t["algorithm"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -37,6 +38,11 @@ Params = Mapping[str, Any]
 # Called after each training iteration (counted from 1) with a way to build the model as it
 # stands; tuning measures it there to prune hopeless trials. Raising stops the fit.
 IterationCallback = Callable[[int, Callable[[], Recommender]], None]
+
+
+class StopFitting(Exception):  # noqa: N818 - a request, not an error
+    """Raised by an IterationCallback to end an iterative fit where it stands: the model
+    of the iterations done so far is the result."""
 
 
 # ---- fitting -------------------------------------------------------------------------------
@@ -73,8 +79,10 @@ def _fit_als(
             random_state=seed,
             num_threads=num_threads or default_num_threads(),
         )
-        model.fit(matrix, show_progress=False, callback=_iteration_hook(on_iteration, lambda: (
-            FactorModel("als", weighting, model.user_factors, model.item_factors, reg, alpha))))
+        with suppress(StopFitting):
+            model.fit(matrix, show_progress=False, callback=_iteration_hook(
+                on_iteration, lambda: FactorModel("als", weighting, model.user_factors,
+                                                  model.item_factors, reg, alpha)))
     return FactorModel("als", weighting, model.user_factors, model.item_factors, reg, alpha)
 
 
@@ -97,8 +105,10 @@ def _fit_bpr(
             random_state=seed,
             num_threads=1,
         )
-        model.fit(matrix, show_progress=False, callback=_iteration_hook(on_iteration, lambda: (
-            FactorModel("bpr", weighting, model.user_factors, model.item_factors, reg, 1.0))))
+        with suppress(StopFitting):
+            model.fit(matrix, show_progress=False, callback=_iteration_hook(
+                on_iteration, lambda: FactorModel("bpr", weighting, model.user_factors,
+                                                  model.item_factors, reg, 1.0)))
     return FactorModel("bpr", weighting, model.user_factors, model.item_factors, reg, 1.0)
 
 

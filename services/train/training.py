@@ -17,9 +17,17 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from services.train.algorithms import ALGORITHMS, BLEND_PARTS, fit_algorithm
+from services.train.algorithms import (
+    ALGORITHMS,
+    BLEND_PARTS,
+    IterationCallback,
+    StopFitting,
+    fit_algorithm,
+)
+from services.train.estimates import Estimate, first_trial_estimate
 from services.train.studies import shares_studies, study_lock, study_storage
 from services.train.tuning import (
+    PRUNING_STEPS,
     SharedStudy,
     TrialClock,
     cross_validate,
@@ -80,12 +88,16 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
                     tune: bool = False, n_trials: int | None = None,
                     progress: Progress | None = None, cv_folds: int | None = None,
                     allowance: float | None = None, workers: int = 1, run_id: str = "",
-                    first_trial_seconds: float = 0.0) -> dict[str, Any]:
+                    measured: dict[str, float] | None = None) -> dict[str, Any]:
     """Tune (optionally) on validation, fit on train, store the model; a JSON-able record.
 
     ``allowance`` bounds the tuning and the final fit in seconds: no trial starts that is
-    expected to end, with the final fit, past it (see TrialClock; ``first_trial_seconds``
-    is what a trial is expected to take before one has ended). With ``workers`` above 1,
+    expected to end, with the final fit, past it (see TrialClock; before one has ended a
+    trial is expected to take what services.train.estimates says, ``measured`` being the
+    final fits of the algorithms before this one), a running ALS/BPR trial stops at the
+    deadline, and when the final fit itself is expected to end past the allowance the
+    algorithm is skipped: the record has no artifact, ``skipped`` true and its
+    ``cut_reason``. With ``workers`` above 1,
     ``workers - 1`` other train workers draw trials of the same study. A search capped
     at one trial has nothing to choose between: it fits the defaults once, on train.
     """
@@ -99,15 +111,20 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
     pair = (data.matrix("validation_train"), data.matrix("validation_test"))
     spec = ALGORITHMS[algorithm]
     trials = trial_cap(algorithm, n_trials) if tune else 0
+    deadline = None if allowance is None else time.time() + allowance
+    fit_scale = data.arrays["train.data"].size / max(pair[0].nnz, 1)
+    estimate = Estimate(0.0, 0.0, "")
+    if deadline is not None and trials and deadline > time.time():
+        estimate = first_trial_estimate(algorithm, pair[0], base, settings.seed, threads(),
+                                        measured or {})
+    first_trial_seconds = estimate.seconds
     if trials == 1:
         chosen, validation = spec.resolve_params(base), {}
         tuning = {**untuned_record(trials, allowance), "trials_cut": 1,
                   "cut_reason": "one trial has nothing to choose between: the defaults "
                                 "are fitted once, on train"}
     elif trials:
-        deadline = None if allowance is None else time.time() + allowance
         fixed = {k: v for k, v in base.items() if k not in spec.search_space}
-        fit_scale = data.arrays["train.data"].size / max(pair[0].nnz, 1)
         shared = shared_study(data.info, algorithm, run_id, workers, trials, fixed,
                               deadline, fit_scale, first_trial_seconds) if workers > 1 else None
         result = tune_matrices(
@@ -121,6 +138,7 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
         chosen = result.best_params
         validation = {} if result.best_score is None else {result.metric: result.best_score}
         expected = result.longest_trial_seconds or first_trial_seconds
+        non_iterative = 0.0 if algorithm in PRUNING_STEPS else result.longest_trial_seconds
         tuning = {"trials_cap": trials, "trials_run": result.trials_run,
                   "trials_cut": result.trials_cut, "trials_pruned": result.trials_pruned,
                   "cut_reason": result.cut_reason or None,
@@ -128,6 +146,8 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
                   "allowance_seconds": None if allowance is None else round(allowance, 3),
                   "longest_trial_seconds": round(result.longest_trial_seconds, 3),
                   "fit_reserved_seconds": round(expected * fit_scale, 3),
+                  "longest_step_seconds": round(max(result.longest_step_seconds,
+                                                    non_iterative), 3),
                   "validation_users": result.validation_users,
                   "validation_users_total": result.validation_users_total,
                   "study": result.study if shared else None,
@@ -144,11 +164,36 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
         # A plain fit trains once: measuring is eval's job, and a validation pass here
         # would cost a second fit and a scoring of every user (5x the fit at 25M ratings).
         chosen, validation, tuning = spec.resolve_params(base), {}, None
+    if tuning is not None and deadline is not None:
+        tuning.update(first_trial_estimate_seconds=round(estimate.seconds, 3),
+                      estimate_rule=estimate.rule or None,
+                      probe_seconds=round(estimate.probe_seconds, 3))
+        skip = skip_reason(fit_scale * (tuning.get("longest_trial_seconds") or
+                                        estimate.seconds), deadline - time.time())
+        if skip:
+            before = tuning.get("cut_reason")
+            tuning.update(skipped=True, trials_cut=max(tuning["trials_cut"], 1),
+                          cut_reason=skip + (f" (the search: {before})" if before else ""))
+            tuning["slack_seconds"] = slack_seconds(tuning)
+            return {"algorithm": algorithm, "params": chosen, "artifact_path": None,
+                    "sha256": None, "snapshot": data.info, "skipped": True,
+                    "validation": {f"validation_{k}": v for k, v in validation.items()},
+                    "tuned": False, "cross_validation": None, "tuning": tuning,
+                    "seconds": round(time.perf_counter() - started, 3)}
     spread = cross_validation(data, algorithm, chosen, cv_folds) if cv_folds else None
     if progress:
         progress("fit", {"algorithm": algorithm, "params": chosen})
     fitting = time.perf_counter()
-    model = fit_algorithm(algorithm, data.matrix("train"), chosen, settings.seed, threads())
+    stopped: list[int] = []
+    hook = final_fit_stop(deadline, stopped) if (
+        deadline is not None and algorithm in PRUNING_STEPS) else None
+    model = fit_algorithm(algorithm, data.matrix("train"), chosen, settings.seed, threads(),
+                          on_iteration=hook)
+    if stopped:
+        tuning = tuning or {}
+        tuning["final_fit_cut"] = (f"deadline: the final fit stopped after iteration "
+                                   f"{stopped[0]} of {chosen['iterations']}")
+        chosen = {**chosen, "iterations": stopped[0]}
     if tuning is not None:
         tuning["fit_seconds"] = round(time.perf_counter() - fitting, 3)
     arrays = {**model.to_arrays(), "user_ids": data.arrays["user_ids"],
@@ -156,12 +201,53 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
     manifest = {"kind": "model", "algorithm": algorithm, "params": chosen,
                 "snapshot_id": data.info["snapshot_id"], "seed": settings.seed,
                 "validation": {f"validation_{k}": v for k, v in validation.items()}}
+    writing = time.perf_counter()
     ref = write_artifact("models", arrays, manifest)
+    if tuning is not None:
+        tuning["write_seconds"] = round(time.perf_counter() - writing, 3)
+        tuning["slack_seconds"] = slack_seconds(tuning)
     return {"algorithm": algorithm, "params": chosen, "artifact_path": ref.path,
             "sha256": ref.sha256, "snapshot": data.info,
             "validation": manifest["validation"], "tuned": bool(tune and spec.search_space),
             "cross_validation": spread, "tuning": tuning,
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def final_fit_stop(deadline: float, stopped: list[int]) -> IterationCallback:
+    """Ends an ALS/BPR final fit at the iteration after which one more, at the pace of
+    those after the first, would end past ``deadline``; the iterations done go to
+    ``stopped`` and the model is that of those iterations."""
+    started = time.perf_counter()
+    first = [0.0]
+
+    def hook(iteration: int, _current: Any) -> None:
+        now = time.perf_counter()
+        if iteration == 1:
+            first[0] = now - started
+        pace = (now - started - first[0]) / (iteration - 1) if iteration > 1 else first[0]
+        if time.time() + pace > deadline:
+            stopped.append(iteration)
+            raise StopFitting
+
+    return hook
+
+
+def slack_seconds(tuning: dict[str, Any]) -> float:
+    """The longest piece of an algorithm's budgeted work no deadline could interrupt or
+    estimate beforehand: an iteration, a scoring pass, a whole non-iterative trial, the
+    cost probe, the model's write. The stage ends within its budget plus the largest."""
+    return max(float(tuning.get(key) or 0.0) for key in (
+        "longest_step_seconds", "probe_seconds", "write_seconds"))
+
+
+def skip_reason(expected_fit: float, left: float) -> str:
+    """Why the final fit may not run in the ``left`` seconds of its allowance ("" if it may)."""
+    if left <= 0:
+        return "skipped: its allowance was spent before its final fit"
+    if expected_fit > left:
+        return (f"skipped: its final fit, expected to take {expected_fit:.2f} s, would end "
+                f"past its allowance ({left:.2f} s left)")
+    return ""
 
 
 def untuned_record(cap: int, allowance: float | None) -> dict[str, Any]:
@@ -170,6 +256,7 @@ def untuned_record(cap: int, allowance: float | None) -> dict[str, Any]:
             "cut_reason": None, "seconds": 0.0,
             "allowance_seconds": None if allowance is None else round(allowance, 3),
             "longest_trial_seconds": 0.0, "fit_reserved_seconds": 0.0,
+            "longest_step_seconds": 0.0,
             "validation_users": 0, "validation_users_total": 0, "study": None, "workers": []}
 
 
@@ -290,8 +377,10 @@ def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None
     covers the whole stage, final fits included, and is shared in order: each algorithm may
     spend the budget still unspent times its trial cap over the caps of the algorithms
     still to tune, its final fit included, so time one leaves passes to the next. An
-    algorithm's first trial is expected to take as long as the longest trial of the
-    algorithms before it (the first algorithm's first trial starts whenever time is left).
+    algorithm's first trial is expected to take what services.train.estimates says; an
+    algorithm whose final fit cannot end within its share is skipped (its record says why
+    and has no artifact; most-popular, with nothing to search, always trains). The stage
+    ends within the budget plus the largest ``slack_seconds`` of its records.
     """
     budget = get_settings().tune_budget_seconds if tune_budget is None else tune_budget
     if budget < 0:
@@ -314,7 +403,8 @@ def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None
     caps = [trial_cap(name, n_trials) if tune else 0 for name in names]
     workers = tuning_workers() if any(caps) else 1
     run_id = run_id or uuid.uuid4().hex
-    longest, results = 0.0, []
+    measured: dict[str, float] = {}  # final fit seconds, for a blend's estimate
+    results: list[dict[str, Any]] = []
     for position, name in enumerate(names):
         allowance = None
         if budget and caps[position]:
@@ -323,8 +413,8 @@ def train_many(snapshot: dict[str, Any], algorithms: Sequence[str] | None = None
         result = fit_on_snapshot(data, name, part_params(name, results), tune=tune,
                                  n_trials=n_trials, progress=progress, cv_folds=cv_folds,
                                  allowance=allowance, workers=workers, run_id=run_id,
-                                 first_trial_seconds=longest)
-        if result["tuning"]:
-            longest = max(longest, result["tuning"]["longest_trial_seconds"])
+                                 measured=measured)
+        if result["tuning"] and not result.get("skipped"):
+            measured[name] = result["tuning"]["fit_seconds"]
         results.append(result)
     return results

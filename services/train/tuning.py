@@ -54,7 +54,8 @@ class TuningResult:
     seconds: float = 0.0
     study: str = ""
     cut_reason: str = ""  # why the search stopped before its cap, when it did
-    longest_trial_seconds: float = 0.0
+    longest_trial_seconds: float = 0.0  # a trial cut at the deadline counts as projected
+    longest_step_seconds: float = 0.0  # the longest piece no deadline could interrupt
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,10 @@ def tune_matrices(
     starts that is expected to end past ``deadline`` (wall-clock seconds since the epoch)
     together with the final fit that follows the search, ``fit_scale`` times a trial (see
     TrialClock; ``first_trial_seconds`` is the expectation before any trial has ended).
-    With ``pruning``, ALS
+    A running ALS or BPR fit (a blend's part included) stops at the iteration after which
+    its final fit, expected from the trial's own pace, would no longer end by ``deadline``
+    (see TrialObjective.iteration_hook): the trial is cut, the search ends, and its
+    ``cut_reason`` starts with "deadline". With ``pruning``, ALS
     and BPR trials report their validation score every few iterations and stop early when
     hopeless (see PRUNING_STEPS). With ``shared``, the study lives in its storage and
     other workers, asked by ``shared.spread``, draw trials from it at the same time.
@@ -196,6 +200,7 @@ def tune_matrices(
         algorithm, matrices, seed=seed, k=k, metric=metric, search_space=search_space,
         grid=grid, fixed_params=fixed_params, num_threads=num_threads,
         validation_users=validation_users, pruning=pruning)
+    objective.deadline, objective.fit_scale = deadline, fit_scale
     key = objective.key
 
     if not objective.space and not grid:  # nothing to search (e.g. the popularity baseline)
@@ -240,6 +245,10 @@ def tune_matrices(
             wait_for_running_trials(study)
     return search_result(study, objective, n_trials, validation, users_scored, users_total,
                          time.perf_counter() - started)
+
+
+class DeadlineCut(optuna.TrialPruned):
+    """A running trial stopped because its final fit would otherwise end past the deadline."""
 
 
 @dataclass(frozen=True)
@@ -289,6 +298,8 @@ def draw_trials(objective: TrialObjective, shared: SharedStudy, *, n_trials: int
     ``n_trials`` or the deadline passes; returns how many this worker ran. ``seed`` must
     differ between workers (the sampler's random start would repeat itself otherwise)."""
     sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    if clock is not None:
+        objective.deadline, objective.fit_scale = deadline, clock.fit_scale
     with quiet_optuna():
         study = optuna.load_study(study_name=shared.name, storage=shared.storage,
                                   sampler=sampler, pruner=make_pruner(objective.pruning))
@@ -344,6 +355,9 @@ class TrialObjective:
         self.pruning = pruning and algorithm in PRUNING_STEPS and len(self.matrices) == 1
         self._ease_paths: dict[int, tuple[str, EaseLambdaPath]] = {}  # per fit matrix
         self._blend_parts: dict[tuple[int, str], Recommender] = {}  # (fit matrix, part)
+        self.deadline: float | None = None  # epoch seconds the final fit must end by
+        self.fit_scale = 0.0  # the final fit's cost over a trial's (see TrialClock)
+        self.longest_step = 0.0  # seconds of the longest iteration, or scoring pass
 
     def draw(self, trial: optuna.Trial) -> dict[str, Any]:
         if self.grid:
@@ -357,10 +371,9 @@ class TrialObjective:
     def model(self, position: int, fit_matrix: sp.csr_matrix, params: Mapping[str, Any],
               trial: optuna.Trial | None = None) -> Recommender:
         if self.algorithm in BLEND_PARTS:
-            return self._blend(position, fit_matrix, params)
+            return self._blend(position, fit_matrix, params, trial)
         if self.algorithm != "ease":
-            hook = self._pruning_hook(trial, position, int(params["iterations"])) if (
-                self.pruning and trial is not None) else None
+            hook = self.iteration_hook(self.algorithm, trial, position, params)
             return fit_algorithm(self.algorithm, fit_matrix, params, self.seed,
                                  self.num_threads, on_iteration=hook)
         rest = repr(sorted((name, value) for name, value in params.items() if name != "l2"))
@@ -369,16 +382,58 @@ class TrialObjective:
             self._ease_paths[position] = (rest, path)
         return self._ease_paths[position][1].model(float(params["l2"]))
 
-    def _blend(self, position: int, fit_matrix: sp.csr_matrix, params: Mapping[str, Any]
-               ) -> Recommender:
+    def _blend(self, position: int, fit_matrix: sp.csr_matrix, params: Mapping[str, Any],
+               trial: optuna.Trial | None = None) -> Recommender:
         parts = []
         for part, own in blend_part_params(self.algorithm, params):
             key = (position, f"{part}:{sorted(own.items())!r}")
             if key not in self._blend_parts:
-                self._blend_parts[key] = fit_algorithm(part, fit_matrix, own, self.seed,
-                                                       self.num_threads)
+                self._blend_parts[key] = fit_algorithm(
+                    part, fit_matrix, own, self.seed, self.num_threads,
+                    on_iteration=self.iteration_hook(part, trial, position, own))
             parts.append(self._blend_parts[key])
         return blend_of(self.algorithm, parts, params)
+
+    def iteration_hook(self, algorithm: str, trial: optuna.Trial | None, position: int,
+                       params: Mapping[str, Any]) -> IterationCallback | None:
+        """What runs after each iteration of an iterative fit (None for the others): the
+        deadline check, then the pruner's report (see _pruning_hook).
+
+        The deadline rule: the first iteration carries a fit's start-up, so the pace is
+        that of the iterations after it. After iteration i of n, the trial is projected to
+        take the first iteration's seconds plus the pace times n - 1; it is cut when one
+        more iteration at that pace and then the final fit, expected to take ``fit_scale``
+        times the longer of that projection and the study's longest trial, would no longer
+        end by the deadline (after the first iteration: when the final fit of the study's
+        longest trial would not). So the final fit finds its time left, unless an iteration
+        ran longer than the pace (by at most ``longest_step``)."""
+        if algorithm not in PRUNING_STEPS or trial is None:
+            return None
+        iterations = int(params["iterations"])
+        prune = self._pruning_hook(trial, position, iterations) if (
+            self.pruning and algorithm == self.algorithm) else None
+        started = time.perf_counter()
+        last, first = [started], [0.0]
+
+        def hook(iteration: int, current: Callable[[], Recommender]) -> None:
+            now = time.perf_counter()
+            self.longest_step = max(self.longest_step, now - last[0])
+            if iteration == 1:
+                first[0] = now - started
+            if self.deadline is not None and iteration < iterations:
+                pace = (now - started - first[0]) / (iteration - 1) if iteration > 1 else 0.0
+                projected = first[0] + pace * (iterations - 1)
+                fit = self.fit_scale * max(projected, longest_trial(trial.study))
+                if time.time() + pace + fit > self.deadline:
+                    trial.set_user_attr("projected_s", projected)
+                    raise DeadlineCut(
+                        f"deadline: {algorithm} stopped after iteration {iteration} of "
+                        f"{iterations}, its final fit expected to take {fit:.2f} s")
+            if prune is not None:
+                prune(iteration, current)
+            last[0] = time.perf_counter()
+
+        return hook
 
     def _pruning_hook(self, trial: optuna.Trial, position: int, iterations: int
                       ) -> IterationCallback:
@@ -401,7 +456,9 @@ class TrialObjective:
         values = []
         for position, (fit_matrix, holdout) in enumerate(self.matrices):
             model = self.model(position, fit_matrix, params, trial)
+            scoring = time.perf_counter()
             values.append(evaluate_model(model, fit_matrix, holdout, (self.k,))[self.key])
+            self.longest_step = max(self.longest_step, time.perf_counter() - scoring)
         return float(np.mean(values))
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -429,7 +486,8 @@ class TrialClock:
     """What a budgeted search expects of its next trial and of the final fit after it.
 
     A trial is expected to take as long as the longest trial of the study so far (pruned
-    ones included, from any worker); before any has ended, ``first_trial_seconds``. The
+    ones included, from any worker; one cut at the deadline by its projected length);
+    before any has ended, ``first_trial_seconds``. The
     final fit of the best parameters is expected to take ``fit_scale`` times that (the
     caller's ratio of the train split's size to the validation fit matrix's).
     """
@@ -455,9 +513,11 @@ class TrialClock:
 
 
 def longest_trial(study: optuna.Study, default: float = 0.0) -> float:
-    """Seconds of the study's longest ended trial (``default`` before any has ended)."""
-    return max((float(t.user_attrs["duration_s"]) for t in study.get_trials(deepcopy=False)
-                if "duration_s" in t.user_attrs), default=default)
+    """Seconds of the study's longest ended trial (``default`` before any has ended); a
+    trial cut at the deadline counts for the length it was projected to take."""
+    return max((max(float(t.user_attrs["duration_s"]), float(t.user_attrs.get(
+        "projected_s", 0.0))) for t in study.get_trials(deepcopy=False)
+        if "duration_s" in t.user_attrs), default=default)
 
 
 def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int,
@@ -467,8 +527,9 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
                clock: TrialClock | None = None) -> int:
     """Run trials until the study holds ``n_trials`` (in any state) or the next trial is
     expected (by ``clock``) to end, with the final fit after it, past ``deadline``; returns
-    how many this call ran. Why it stopped short of the cap goes to the study's user
-    attribute ``cut_reason``.
+    how many this call ran, or a running trial is cut at the deadline (DeadlineCut: it ends
+    pruned, marked ``cut`` "deadline", and the search ends with it). Why it stopped short
+    of the cap goes to the study's user attribute ``cut_reason``.
 
     ``lock`` makes counting and starting a trial atomic among processes sharing the study.
     """
@@ -487,6 +548,13 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
         trial.set_user_attr("worker", worker_name())
         try:
             value = objective(trial)
+        except DeadlineCut as cut:
+            trial.set_user_attr("duration_s", time.perf_counter() - started)
+            trial.set_user_attr("cut", "deadline")
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            study.set_user_attr("cut_reason", str(cut))
+            ran += 1
+            break
         except optuna.TrialPruned:
             trial.set_user_attr("duration_s", time.perf_counter() - started)
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -523,8 +591,10 @@ def search_result(study: optuna.Study, objective: TrialObjective, n_trials: int,
         objective.algorithm, objective.key, best, score, pd.DataFrame(rows), validation,
         users_scored, users_total, trials_run=len(trials), trials_cut=cut,
         trials_pruned=pruned, seconds=seconds, study=study.study_name,
-        cut_reason=str(study.user_attrs.get("cut_reason", "")) if cut else "",
+        cut_reason=str(study.user_attrs.get("cut_reason", "")) if cut or any(
+            t.user_attrs.get("cut") == "deadline" for t in trials) else "",
         longest_trial_seconds=longest_trial(study),
+        longest_step_seconds=objective.longest_step,
     )
 
 

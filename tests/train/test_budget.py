@@ -84,16 +84,17 @@ def test_the_budget_is_shared_by_trial_caps_and_passed_on(snapshot: dict) -> Non
     assert trial_cap("popular") == 0 and trial_cap("als") == 30 and trial_cap("als", 7) == 7
 
 
-def test_an_exhausted_budget_fits_the_defaults_and_the_run_goes_on(snapshot: dict,
-                                                                   use_settings) -> None:  # type: ignore[no-untyped-def]
+def test_an_exhausted_budget_skips_what_it_cannot_fit_and_the_run_goes_on(
+        snapshot: dict, use_settings) -> None:  # type: ignore[no-untyped-def]
     use_settings(TUNE_BUDGET_SECONDS="1e-9")
-    trained = train_many(snapshot, ["itemknn_cosine", "ease"], n_trials=4)
-    for model in trained:  # at most the first trial can start within a nanosecond
-        assert model["tuning"]["trials_run"] + model["tuning"]["trials_cut"] == 4
-        assert model["tuning"]["trials_cut"] >= 3
-        assert model["artifact_path"]
-    assert trained[1]["tuning"]["trials_run"] == 0 and trained[1]["validation"] == {}
-    assert trained[1]["params"]["l2"] == 412.8
+    trained = train_many(snapshot, ["popular", "itemknn_cosine", "ease"], n_trials=4)
+    assert trained[0]["artifact_path"]  # most-popular has nothing to search: it trains
+    for model in trained[1:]:  # no time is left for a final fit within a nanosecond
+        assert model["skipped"] and model["artifact_path"] is None
+        assert model["tuning"]["cut_reason"].startswith("skipped: its allowance was spent")
+        assert model["tuning"]["trials_run"] <= 1
+    assert trained[2]["tuning"]["trials_run"] == 0 and trained[2]["validation"] == {}
+    assert trained[2]["params"]["l2"] == 412.8
     with pytest.raises(TrainingError, match="tuning budget must be positive"):
         train_many(snapshot, ["ease"], tune_budget=-1.0)
 
@@ -129,15 +130,16 @@ def test_pruning_waits_for_data_large_enough(snapshot: dict, use_settings) -> No
     assert off["tuning"]["trials_pruned"] == 0 and off["params"] == small["params"]
 
 
-def _snapshot_with_a_large_train_split(seed: int) -> dict:
-    """A snapshot whose train split holds four times its validation fit matrix, so the
-    final fit costs several trials."""
+def _snapshot_with_a_large_train_split(seed: int, items: int = 400, kept: float = 0.25
+                                       ) -> dict:
+    """A snapshot whose train split holds 1 / ``kept`` times its validation fit matrix (by
+    default four times, so the final fit costs several trials)."""
     rng = np.random.default_rng(seed)
-    users, items = 1500, 400
+    users = 1500
     group = (np.arange(users)[:, None] % 4) == (np.arange(items)[None, :] % 4)
     liked = rng.random((users, items)) < np.where(group, 0.3, 0.03)
     train = sp.csr_matrix(liked.astype(np.float32) * 4.0)
-    keep = sp.csr_matrix(train.multiply(rng.random(train.shape) < 0.25))
+    keep = sp.csr_matrix(train.multiply(rng.random(train.shape) < kept))
     keep.eliminate_zeros()
     held = sp.csr_matrix(train - keep)
     held.eliminate_zeros()
@@ -162,10 +164,38 @@ def test_a_budgeted_stage_ends_within_the_budget_final_fits_included(use_setting
     stage = time.perf_counter() - clock
     tuning = trained["tuning"]
     assert tuning["trials_run"] > 0 and tuning["trials_cut"] > 0
-    assert "would end past the budget" in tuning["cut_reason"]
+    assert ("would end past the budget" in tuning["cut_reason"]
+            or tuning["cut_reason"].startswith("deadline: als stopped after iteration"))
     assert tuning["fit_reserved_seconds"] == pytest.approx(
         tuning["longest_trial_seconds"] * 4, rel=0.1)  # train is 4x the fit matrix
     assert stage <= budget + tuning["longest_trial_seconds"], (stage, tuning)
+
+
+def test_a_tiny_budget_holds_for_the_default_algorithms(use_settings, tmp_path: Path  # type: ignore[no-untyped-def]
+                                                       ) -> None:
+    """3,000 items: one dense EASE solve takes longer than the whole budget. The stage ends
+    within the budget plus its stated slack (the longest piece no deadline interrupts),
+    skips what it had no time to fit, and says so; most-popular always trains."""
+    use_settings(MODEL_PATH=str(tmp_path / "models"), TRAIN_THREADS="1")
+    snapshot = _snapshot_with_a_large_train_split(7, items=3000, kept=0.75)
+    budget = 5.0
+    clock = time.perf_counter()
+    trained = train_many(snapshot, None, tune_budget=budget)
+    stage = time.perf_counter() - clock
+    slack = max(t["tuning"]["slack_seconds"] for t in trained if t["tuning"])
+    assert stage <= budget + slack, (stage, slack, [t["tuning"] for t in trained])
+    by_name = {t["algorithm"]: t for t in trained}
+    assert list(by_name) == ["popular", "itemknn_cosine", "itemknn_bm25", "als", "bpr",
+                             "ease", "ease_als"]
+    assert by_name["popular"]["artifact_path"] and not by_name["popular"].get("skipped")
+    # Its first trial and its final fit are each a 3,000 x 3,000 solve: more than the budget.
+    ease = by_name["ease"]["tuning"]
+    assert by_name["ease"]["skipped"] and by_name["ease"]["artifact_path"] is None
+    assert ease["trials_run"] == 0 and ease["cut_reason"].startswith("skipped: its ")
+    for model in trained:
+        cut = model["tuning"] and model["tuning"]["trials_cut"]
+        assert not cut or model["tuning"]["cut_reason"], model["tuning"]
+        assert bool(model.get("skipped")) == (model["artifact_path"] is None)
 
 
 def test_a_trial_expected_to_overrun_the_budget_is_not_started(train: pd.DataFrame) -> None:
