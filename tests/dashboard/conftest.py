@@ -47,9 +47,11 @@ def chromium_path() -> str:
     return found
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    """Debian's Chromium, headless (Playwright cannot download a browser here)."""
+    """Debian's Chromium, headless (Playwright cannot download a browser here). Per module:
+    Playwright's sync API keeps an event loop running while it is open, which would make
+    every later asyncio.run() in the session fail."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
