@@ -59,7 +59,7 @@ from bench.serve import (
     lua_script,
     run_wrk,
     start_child,
-    wait_serving,
+    start_serve,
     wait_until,
 )
 
@@ -136,13 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             child_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
             migrate(database, folder)
             built = build_ml100k(args.ml100k, args.factors, args.iterations)
-            serve_port = free_port()
-            serve_url = f"http://{HOST}:{serve_port}"
-            serve = start_child("serve", [*recsys_command(), "serve", "--host", HOST, "--port",
-                                          str(serve_port), "--workers", str(args.workers),
-                                          "--log-level", "warning"], child_env, folder)
-            children.append(serve)
-            wait_serving(serve_url, built.version, serve)
+            _, serve_url = start_serve(children, child_env, folder, args.workers, built.version)
             users = built.users[:HIT_USERS]
             for user in users:  # the first GET stores the list, the next one hits
                 for _ in range(2):

@@ -213,15 +213,13 @@ def wait_drained(database_url: str, tag: str, accepted: int, timeout: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.ingest import DEFAULT_ADMIN_URL, migrate, recsys_command
+    from bench.ingest import DEFAULT_ADMIN_URL, migrate
     from bench.serve import (
         DEFAULT_ML100K,
         build_ml100k,
         configure_environment,
-        free_port,
-        start_child,
         start_ingest_worker,
-        wait_serving,
+        start_serve,
     )
     from tests.servers import private_rabbitmq
 
@@ -263,13 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                 built = build_ml100k(args.ml100k, 16, 3)
                 worker = start_ingest_worker(child_env, folder, 1, 60.0)
                 children.append(worker)
-                port = free_port()
-                base = f"http://{HOST}:{port}"
-                serve = start_child("serve", [*recsys_command(), "serve", "--host", HOST, "--port",
-                                              str(port), "--workers", str(args.workers),
-                                              "--log-level", "warning"], child_env, folder)
-                children.append(serve)
-                wait_serving(base, built.version, serve)
+                _, base = start_serve(children, child_env, folder, args.workers, built.version)
                 print(f"serve {base} ({args.workers} workers), {args.connections} clients x "
                       f"{args.events} events; outage {args.outage:.0f} s after {args.before:.0f} s")
                 sender = FeedbackSender(base, API_KEY, tag, args.connections, args.events,

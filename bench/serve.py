@@ -392,6 +392,20 @@ def wait_serving(base: str, version: int, child: Child, timeout: float = 120.0) 
 # ---- setup ----------------------------------------------------------------------------------
 
 
+def start_serve(children: list[Child], env: dict[str, str], folder: Path, workers: int,
+                version: int) -> tuple[Child, str]:
+    """`recsys serve --workers W` on a free port of HOST (added to `children`, so it is
+    stopped with them), once it serves `version`; the child and its base URL."""
+    port = free_port()
+    base = f"http://{HOST}:{port}"
+    serve = start_child("serve", [*recsys_command(), "serve", "--host", HOST, "--port",
+                                  str(port), "--workers", str(workers), "--log-level",
+                                  "warning"], env, folder)
+    children.append(serve)
+    wait_serving(base, version, serve)
+    return serve, base
+
+
 def configure_environment(env: dict[str, str]) -> None:
     """Make `env` the settings in force in this process (and the Celery app's config)."""
     from shared.celery_app import configure_app
