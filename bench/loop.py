@@ -114,12 +114,19 @@ def apply_settings(env: dict[str, str]) -> None:
     configure_app()
 
 
+LAST_FAILURE: list[str] = [""]
+
+
 def recommend(user: int) -> dict[str, Any] | None:
     try:
         response = httpx.get(f"{SERVE}/recommendations/{user}?k=10", timeout=10)
-    except httpx.HTTPError:
+    except httpx.HTTPError as error:
+        LAST_FAILURE[0] = f"{type(error).__name__}: {error}"
         return None
-    return response.json() if response.status_code == 200 else None
+    if response.status_code != 200:
+        LAST_FAILURE[0] = f"{response.status_code} {response.text[:200]}"
+        return None
+    return response.json()
 
 
 def champion() -> int | None:
@@ -144,9 +151,12 @@ def serve_and_click(users: range, clicks: int = 3) -> int:
     until the feedback is stored. Returns the number of events."""
     before, events = feedback_count(), []
     for user in users:
-        body = recommend(user)
-        if body is None:
-            raise SystemExit(f"serve gave no list for user {user}")
+        # Each serve worker swaps to a new champion on its own, so a request that lands on
+        # one still loading it may be answered 503 for a moment: retry for a while.
+        try:
+            body = wait_until(lambda user=user: recommend(user), 60, f"a list for user {user}")
+        except SystemExit:
+            raise SystemExit(f"serve gave no list for user {user}: {LAST_FAILURE[0]}") from None
         events += [{"user_id": user, "movie_id": item["movie_id"], "type": "click",
                     "request_id": body["request_id"]} for item in body["items"][:clicks]]
     response = httpx.post(f"{SERVE}/feedback", json=events, headers={"X-API-Key": API_KEY},

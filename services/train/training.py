@@ -169,7 +169,8 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
                       estimate_rule=estimate.rule or None,
                       probe_seconds=round(estimate.probe_seconds, 3))
         skip = skip_reason(fit_scale * (tuning.get("longest_trial_seconds") or
-                                        estimate.seconds), deadline - time.time())
+                                        estimate.seconds), deadline - time.time(),
+                           iterative=algorithm in PRUNING_STEPS)
         if skip:
             before = tuning.get("cut_reason")
             tuning.update(skipped=True, trials_cut=max(tuning["trials_cut"], 1),
@@ -240,11 +241,16 @@ def slack_seconds(tuning: dict[str, Any]) -> float:
         "longest_step_seconds", "probe_seconds", "write_seconds"))
 
 
-def skip_reason(expected_fit: float, left: float) -> str:
-    """Why the final fit may not run in the ``left`` seconds of its allowance ("" if it may)."""
+def skip_reason(expected_fit: float, left: float, iterative: bool = False) -> str:
+    """Why the final fit may not run in the ``left`` seconds of its allowance ("" if it may).
+    An iterative fit (ALS, BPR) stops at the deadline with the iterations it has done, so
+    it runs while at least half of them fit in what is left; any other fit needs all of it."""
     if left <= 0:
         return "skipped: its allowance was spent before its final fit"
-    if expected_fit > left:
+    if iterative and expected_fit / 2 > left:
+        return (f"skipped: its final fit, expected to take {expected_fit:.2f} s, would not "
+                f"get half of its iterations in its allowance ({left:.2f} s left)")
+    if not iterative and expected_fit > left:
         return (f"skipped: its final fit, expected to take {expected_fit:.2f} s, would end "
                 f"past its allowance ({left:.2f} s left)")
     return ""
