@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 import yaml
 from dotenv import dotenv_values
 
+from shared.doctor import mask_url
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = "docker-compose.yml"
 ENTRYPOINT = "recsys"  # the image's ENTRYPOINT; compose `command:` is its arguments
@@ -321,15 +323,6 @@ def start_order(apps: Mapping[str, dict[str, Any]], wanted: Iterable[str]) -> li
 
 # --- servers -------------------------------------------------------------------------
 
-def redact(url: str) -> str:
-    """A URL with its password replaced by ***, safe for messages and logs."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return url.replace(parts.netloc, netloc, 1)
-
-
 def _check_server(setting: str, url: str, timeout: float) -> None:
     if setting == "DATABASE_URL":
         from sqlalchemy import create_engine, pool, text
@@ -372,7 +365,7 @@ def check_servers(envs: Iterable[Mapping[str, str]], timeout: float = 3.0) -> No
             _check_server(setting, url, timeout)
         except Exception as error:  # any failure means "not usable"; the message says why
             reason = " ".join(str(getattr(error, "orig", None) or error).split()) or repr(error)
-            problems.append(f"{SERVER_SETTINGS[setting]} ({setting}={redact(url)}) is not "
+            problems.append(f"{SERVER_SETTINGS[setting]} ({setting}={mask_url(url)}) is not "
                             f"reachable: {reason}")
     if problems:
         raise StackError("cannot start the stack: " + "; ".join(problems))
