@@ -1,14 +1,16 @@
 """What every benchmark needs around its measurement: a scratch database on the
-server's admin URL, and the processes of a session it started."""
+server's admin URL, the settings in force, waiting for a condition, and the processes of a
+session it started."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 from sqlalchemy.engine import URL, make_url
@@ -118,3 +120,34 @@ def bare_top_k(user_factors, item_factors, seen, users, k: int,  # type: ignore[
         if ordered:
             np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1),
                                                axis=1), axis=1)
+
+
+def configure_environment(env: dict[str, str]) -> None:
+    """Make `env` the settings in force in this process (and the Celery app's config)."""
+    from shared.celery_app import configure_app
+    from shared.settings import get_settings
+
+    os.environ.update(env)
+    get_settings.cache_clear()
+    configure_app()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
+               child: Any = None, interval: float = 0.2) -> Any:
+    """The predicate's first truthy value within `timeout` seconds; SystemExit otherwise, or
+    as soon as `child` (a process with `alive()`, `name` and `tail()`) has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if child is not None and not child.alive():
+            raise SystemExit(f"{child.name} exited while waiting for {what}:\n{child.tail()}")
+        time.sleep(interval)
+    raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}"
+                     + (f":\n{child.tail()}" if child else ""))
+
+
+def verdict(met: bool) -> str:
+    """How a benchmark's line states a target."""
+    return "met" if met else "NOT met"

@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 
 import httpx
 
-from bench.common import scratch_database
+from bench.common import configure_environment, scratch_database, wait_until
 from bench.ingest import DEFAULT_ADMIN_URL, migrate, recsys_command
 from bench.serve import (
     DEFAULT_BROKER_URL,
@@ -51,7 +51,6 @@ from bench.serve import (
     LUA_CYCLE,
     Child,
     build_ml100k,
-    configure_environment,
     delete_prefix,
     ensure_wrk,
     free_port,
@@ -60,7 +59,6 @@ from bench.serve import (
     run_wrk,
     start_child,
     start_serve,
-    wait_until,
 )
 
 TARGET_RATIO = 0.95

@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 import httpx
 import psycopg2
 
-from bench.common import scratch_database
+from bench.common import configure_environment, scratch_database
 
 API_KEY = "bench-outage-key"
 HOST = "127.0.0.1"
@@ -217,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.serve import (
         DEFAULT_ML100K,
         build_ml100k,
-        configure_environment,
-        start_ingest_worker,
+            start_ingest_worker,
         start_serve,
     )
     from tests.servers import private_rabbitmq

@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 import psycopg2
 from sqlalchemy.engine import URL
 
-from bench.common import libpq_dsn, scratch_database
+from bench.common import libpq_dsn, scratch_database, verdict
 from bench.datagen import DEFAULT_WORKDIR, ML25M_RATINGS, Dataset, ensure_dataset
 
 DEFAULT_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -202,9 +202,6 @@ def time_copy(dataset: Dataset, database: URL) -> CopyRun:
     return CopyRun(seconds, rows["ratings"], by_file)
 
 
-def _verdict(met: bool) -> str:
-    return "met" if met else "NOT met"
-
 
 def summarise(dataset: Dataset, ingests: list[IngestRun], copies: list[CopyRun]
               ) -> dict[str, Any]:
@@ -222,10 +219,10 @@ def summarise(dataset: Dataset, ingests: list[IngestRun], copies: list[CopyRun]
     print(f"bare COPYs:    {rows / copy_s:,.0f} ratings/s ({copy_s:.2f} s, best of "
           f"{len(copies)}: {files})")
     print(f"ratio ingest/COPY: {ratio:.3f} (target <= {TARGET_RATIO}: "
-          f"{_verdict(ratio <= TARGET_RATIO)}; in-process only: {in_process / copy_s:.3f})")
+          f"{verdict(ratio <= TARGET_RATIO)}; in-process only: {in_process / copy_s:.3f})")
     scope = "" if rows >= ML25M_RATINGS else f"; the target is for {ML25M_RATINGS:,} rows"
     print(f"ingest peak RSS: {rss:.1f} MB (target < {TARGET_RSS_MB:.0f} MB: "
-          f"{_verdict(rss < TARGET_RSS_MB)}{scope})")
+          f"{verdict(rss < TARGET_RSS_MB)}{scope})")
     figures: dict[str, Any] = {
         "rows": rows, "ingest_rows_per_s": round(rows / ingest_s, 1),
         "copy_rows_per_s": round(rows / copy_s, 1), "ratio": round(ratio, 4),

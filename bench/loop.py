@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 
 import httpx
 
+from bench.common import configure_environment, wait_until
 from bench.online_window import measure, scratch_database
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,16 +60,6 @@ API_KEY = "bench-loop-key"
 def log(message: str) -> None:
     print(message, flush=True)
 
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def port_open(port: int) -> bool:
@@ -103,15 +94,6 @@ def private_vhost(broker_url: str) -> Iterator[str]:
     finally:
         _rabbitmqctl("delete_vhost", vhost)
 
-
-def apply_settings(env: dict[str, str]) -> None:
-    """Make `env` the settings in force in this process (the Celery app included)."""
-    from shared.celery_app import configure_app
-    from shared.settings import get_settings
-
-    os.environ.update(env)
-    get_settings.cache_clear()
-    configure_app()
 
 
 LAST_FAILURE: list[str] = [""]
@@ -182,7 +164,7 @@ def measure_loop(args: argparse.Namespace, broker_url: str, workdir: Path) -> di
                "RETRAIN_ALGORITHMS": ",".join(algorithms), "RETRAIN_TRIALS": str(args.trials),
                # The benchmark fires the rule itself: the policy must not fire on its own.
                "RETRAIN_MIN_FEEDBACK": "100000000", "RETRAIN_LOW_WINDOWS": "1000"}
-        apply_settings(env)
+        configure_environment(env)
         with app.connection_for_write() as connection:  # only this run's tasks
             for queue in app.conf.task_queues:
                 bound = queue.bind(connection.default_channel)

@@ -39,17 +39,22 @@ import httpx
 import numpy as np
 import psycopg2
 
-from bench.common import bare_top_k, libpq_dsn, scratch_database, session_pids
+from bench.common import (
+    bare_top_k,
+    configure_environment,
+    libpq_dsn,
+    scratch_database,
+    session_pids,
+    wait_until,
+)
 from bench.datagen import ML25M_RATINGS, ensure_dataset
 from bench.loop import (
     DEFAULT_ADMIN_URL,
     DEFAULT_BROKER_URL,
     DEFAULT_REDIS_URL,
     SERVE,
-    apply_settings,
     port_open,
     private_vhost,
-    wait_until,
 )
 
 API_KEY = "bench-pipeline-key"
@@ -108,7 +113,7 @@ def run_once(label: str, dataset: Any, args: argparse.Namespace, broker_url: str
                "RETRAIN_LOW_WINDOWS": "1000"}
         if label == "default":
             env["TUNE_BUDGET_SECONDS"] = str(args.tune_budget)
-        apply_settings(env)
+        configure_environment(env)
         migrate(env["DATABASE_URL"])
         purge_queues()
         wait_until(lambda: not port_open(8000), 300, "port 8000 (serve) to be free")

@@ -71,7 +71,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +83,15 @@ import numpy as np
 import psycopg2
 from sqlalchemy.engine import URL, make_url
 
-from bench.common import libpq_dsn, scratch_database, session_pids, wait_for_sole_worker
+from bench.common import (
+    configure_environment,
+    libpq_dsn,
+    scratch_database,
+    session_pids,
+    verdict,
+    wait_for_sole_worker,
+    wait_until,
+)
 from bench.ingest import DEFAULT_ADMIN_URL, migrate, recsys_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -103,9 +110,6 @@ TARGET_FEEDBACK_RATE = 1000.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MARK = "BENCHJSON "
 
-
-def _verdict(met: bool) -> str:
-    return "met" if met else "NOT met"
 
 
 # ---- wrk ------------------------------------------------------------------------------------
@@ -335,19 +339,6 @@ def http(method: str, url: str, body: Any = None, timeout: float = 10.0
         return 0, b""
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               child: Child | None = None, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if child is not None and not child.alive():
-            raise SystemExit(f"{child.name} exited while waiting for {what}:\n{child.tail()}")
-        time.sleep(interval)
-    raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}"
-                     + (f":\n{child.tail()}" if child else ""))
-
 
 def serving_version(base: str) -> int | None:
     status, body = http("GET", f"{base}/readyz", timeout=5.0)
@@ -405,15 +396,6 @@ def start_serve(children: list[Child], env: dict[str, str], folder: Path, worker
     wait_serving(base, version, serve)
     return serve, base
 
-
-def configure_environment(env: dict[str, str]) -> None:
-    """Make `env` the settings in force in this process (and the Celery app's config)."""
-    from shared.celery_app import configure_app
-    from shared.settings import get_settings
-
-    os.environ.update(env)
-    get_settings.cache_clear()
-    configure_app()
 
 
 @dataclass
@@ -854,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
             print(hit_load.line())
             hit_met = hit_load.rps >= TARGET_HIT_RATIO * bare_load.rps
             print(f"hit/bare throughput {hit_load.rps / bare_load.rps:.3f} (target >= "
-                  f"{TARGET_HIT_RATIO}: {_verdict(hit_met)}); serve CPU per hit "
+                  f"{TARGET_HIT_RATIO}: {verdict(hit_met)}); serve CPU per hit "
                   f"{hit_cpu * 1e3:.3f} ms")
 
             all_users = ",".join(map(str, built.users))
@@ -924,9 +906,9 @@ def main(argv: list[str] | None = None) -> int:
             miss_ratio = miss60.rps / bare_miss.rps if bare_miss.rps else 0.0
             p99_ratio = miss60.p99_ms / bare_miss.p99_ms if bare_miss.p99_ms else 0.0
             print(f"miss/bare scoring at {args.items:,} items: throughput {miss_ratio:.3f} "
-                  f"(target >= {TARGET_MISS_RATIO}: {_verdict(miss_ratio >= TARGET_MISS_RATIO)})"
+                  f"(target >= {TARGET_MISS_RATIO}: {verdict(miss_ratio >= TARGET_MISS_RATIO)})"
                   f", p99 {p99_ratio:.3f} (target <= {TARGET_MISS_P99_RATIO}: "
-                  f"{_verdict(p99_ratio <= TARGET_MISS_P99_RATIO)})")
+                  f"{verdict(p99_ratio <= TARGET_MISS_P99_RATIO)})")
             users, products = (now - before for now, before in zip(
                 score_batches(serve_url), (users_before, products_before), strict=True))
             if products:
@@ -946,9 +928,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"miss p99: {miss100.p99_ms:.2f} ms at ml-100k, {miss60.p99_ms:.2f} ms at "
                   f"{args.items:,} items with {args.connections} connections (target < "
                   f"{TARGET_MISS_P99_MS:.0f} ms at 60,000: "
-                  f"{_verdict(miss60.p99_ms < TARGET_MISS_P99_MS)})" + (
+                  f"{verdict(miss60.p99_ms < TARGET_MISS_P99_MS)})" + (
                       f"; {quiet60.p99_ms:.2f} ms with {args.latency_connections} "
-                      f"({_verdict(quiet60.p99_ms < TARGET_MISS_P99_MS)})" if quiet60 else ""))
+                      f"({verdict(quiet60.p99_ms < TARGET_MISS_P99_MS)})" if quiet60 else ""))
 
             # Impressions: log + flush per list, in this process, against serve's CPU per hit.
             head = body.split(b'"items":', 1)[1]
@@ -961,7 +943,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"batches of 200; serve CPU per hit {hit_cpu * 1e6:.0f} us -> impression "
                   f"cost {impression_cost:.1%} of hit throughput (target < "
                   f"{TARGET_IMPRESSION_COST:.0%}: "
-                  f"{_verdict(impression_cost < TARGET_IMPRESSION_COST)})")
+                  f"{verdict(impression_cost < TARGET_IMPRESSION_COST)})")
 
             worker = start_ingest_worker(child_env, folder, args.ingest_concurrency,
                                          args.wait_others)
@@ -975,9 +957,9 @@ def main(argv: list[str] | None = None) -> int:
                 lost += missing
             single, batched = loads
             print(f"feedback target >= {TARGET_FEEDBACK_RATE:,.0f} events/s with none lost: "
-                  f"{_verdict(batched.events_per_s >= TARGET_FEEDBACK_RATE and lost == 0)} "
+                  f"{verdict(batched.events_per_s >= TARGET_FEEDBACK_RATE and lost == 0)} "
                   f"in batches of {args.feedback_batch} ({batched.events_per_s:,.0f} events/s), "
-                  f"{_verdict(single.events_per_s >= TARGET_FEEDBACK_RATE and lost == 0)} one "
+                  f"{verdict(single.events_per_s >= TARGET_FEEDBACK_RATE and lost == 0)} one "
                   f"event per request ({single.events_per_s:,.0f} events/s)")
             figures = summarise(bare_load, hit_load, miss100, miss60, quiet60, single, batched,
                                 args.feedback_batch, impression_cost, lost, bare_miss)

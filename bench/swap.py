@@ -40,12 +40,17 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 import numpy as np
 import psycopg2
 
-from bench.common import libpq_dsn, scratch_database, session_pids
+from bench.common import (
+    configure_environment,
+    libpq_dsn,
+    scratch_database,
+    session_pids,
+    wait_until,
+)
 from bench.evaluate import generate
 from bench.loop import DEFAULT_ADMIN_URL, DEFAULT_BROKER_URL, DEFAULT_REDIS_URL, private_vhost
 from bench.serve import (
     API_KEY,
-    configure_environment,
     ensure_wrk,
     free_port,
     lua_script,
@@ -53,7 +58,6 @@ from bench.serve import (
     run_wrk,
     serving_version,
     start_child,
-    wait_until,
 )
 
 USERS, ITEMS, FACTORS = 162_541, 59_047, 64

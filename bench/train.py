@@ -51,7 +51,14 @@ import sqlalchemy.exc
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
-from bench.common import libpq_dsn, scratch_database, session_pids, wait_for_sole_worker
+from bench.common import (
+    configure_environment,
+    libpq_dsn,
+    scratch_database,
+    session_pids,
+    verdict,
+    wait_for_sole_worker,
+)
 from bench.datagen import DEFAULT_WORKDIR, ML25M_RATINGS, Dataset, ensure_dataset
 from bench.ingest import COPY_SQL, DEFAULT_ADMIN_URL, migrate, recsys_command
 
@@ -80,9 +87,6 @@ T = TypeVar("T")
 
 # ---- small helpers --------------------------------------------------------------------------
 
-
-def _verdict(met: bool) -> str:
-    return "met" if met else "NOT met"
 
 
 def wait_for_server(database: URL, timeout: float = 180.0) -> None:
@@ -371,15 +375,6 @@ class Worker:
     handle: BinaryIO = field(repr=False)
 
 
-def configure_environment(env: dict[str, str]) -> None:
-    """Make `env` the settings in force in this process (and the Celery app's config)."""
-    from shared.celery_app import configure_app
-    from shared.settings import get_settings
-
-    os.environ.update(env)
-    get_settings.cache_clear()
-    configure_app()
-
 
 # Every `recsys worker train` on a host is named `train@<host>`: a second one cannot even
 # start (its pidbox queue is locked), and any other would take our tasks.
@@ -589,14 +584,14 @@ def summarise(rows: int, ours: list[LoadRun], bare: list[BareLoadRun],
           f"{load.copy_s:.2f} s, IdIndex {load.index_s:.2f} s, interactions_csr "
           f"{load.csr_s:.2f} s); bare COPY {floor.seconds:.2f} s (best of {len(bare)})")
     print(f"ratio load/COPY: {load_ratio:.3f} (target <= {TARGET_LOAD_RATIO}: "
-          f"{_verdict(load_ratio <= TARGET_LOAD_RATIO)}; load_ratings alone: "
+          f"{verdict(load_ratio <= TARGET_LOAD_RATIO)}; load_ratings alone: "
           f"{load.copy_s / floor.seconds:.3f})")
     print(f"train.fit via worker: {fit.seconds:.2f} s (best of {len(fits)}); bare implicit fit "
           f"{bare_fit.seconds:.2f} s (best of {len(bare_fits)})")
     final = f"; final-fit stage alone: {fit.final_s / bare_fit.seconds:.3f}" \
         if fit.final_s else ""
     print(f"ratio fit/bare: {fit_ratio:.3f} (target <= {TARGET_FIT_RATIO}: "
-          f"{_verdict(fit_ratio <= TARGET_FIT_RATIO)}{final})")
+          f"{verdict(fit_ratio <= TARGET_FIT_RATIO)}{final})")
     print(f"peak RSS: load {load_rss:.1f} MB (this process, from {load.baseline_rss_mb:.1f} MB "
           f"before), train worker pool child {child_rss:.1f} MB, worker main {main_rss:.1f} MB")
     return {"rows": rows, "load_ratio": round(load_ratio, 4), "fit_ratio": round(fit_ratio, 4),
