@@ -52,6 +52,14 @@ _CONFIG = SettingsConfigDict(
 )
 
 
+def url_of(value: str, prefixes: tuple[str, ...], expected: str) -> str:
+    """`value` stripped; empty, or starting with one of `prefixes` (else names `expected`)."""
+    value = value.strip()
+    if value and not value.startswith(prefixes):
+        raise ValueError(f"expected {expected}, got {value!r}")
+    return value
+
+
 class PathSettings(BaseSettings):
     model_config = _CONFIG
 
@@ -103,10 +111,7 @@ class ObjectStoreSettings(BaseSettings):
     @field_validator("s3_endpoint_url")
     @classmethod
     def _http(cls, value: str) -> str:
-        value = value.strip()
-        if value and not value.startswith(("http://", "https://")):
-            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
-        return value
+        return url_of(value, ("http://", "https://"), "an http:// or https:// URL")
 
 
 class DatabaseSettings(BaseSettings):
@@ -119,10 +124,7 @@ class DatabaseSettings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _known_dialect(cls, value: str) -> str:
-        value = value.strip()
-        if value and not value.startswith(("postgresql", "sqlite")):
-            raise ValueError(f"expected a postgresql:// or sqlite:// URL, got {value!r}")
-        return value
+        return url_of(value, ("postgresql", "sqlite"), "a postgresql:// or sqlite:// URL")
 
 
 class BrokerSettings(BaseSettings):
@@ -136,10 +138,7 @@ class BrokerSettings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _amqp(cls, value: str) -> str:
-        value = value.strip()
-        if value and not value.startswith(("amqp://", "amqps://", "pyamqp://")):
-            raise ValueError(f"expected an amqp:// URL, got {value!r}")
-        return value
+        return url_of(value, ("amqp://", "amqps://", "pyamqp://"), "an amqp:// URL")
 
 
 class CacheSettings(BaseSettings):
@@ -169,10 +168,7 @@ class CacheSettings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis(cls, value: str) -> str:
-        value = value.strip()
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"expected a redis:// URL, got {value!r}")
-        return value
+        return url_of(value, ("redis://", "rediss://", "unix://"), "a redis:// URL")
 
 
 class TrainingSettings(BaseSettings):
