@@ -1,5 +1,10 @@
 """The artifact store: npz arrays plus a JSON manifest, content-addressed by sha256.
 
+`MODEL_PATH` names the store: a directory (one host, or a volume every container on it
+shares) or `s3://bucket/prefix`, an S3-compatible object store every host reaches
+(shared/object_store.py), read through a cache on each host. Either way an artifact lives
+at `<kind>/<sha[:2]>/<sha>/` and the registry records that path and the sha256.
+
 No pickle anywhere: arrays are read with `allow_pickle=False`, and every read checks
 the file's sha256 against the one the caller expects before loading a byte of it.
 """
@@ -13,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -22,10 +27,12 @@ from shared.errors import RecsysError
 from shared.settings import get_settings
 
 ARRAYS, MANIFEST = "arrays.npz", "manifest.json"
+OBJECT_STORE_SCHEME = "s3://"
 
 
 class ArtifactError(RecsysError):
-    """An artifact is missing, damaged or does not match its recorded checksum."""
+    """An artifact is missing, damaged or does not match its recorded checksum, or the
+    store holding it cannot be reached."""
 
 
 @dataclass(frozen=True)
@@ -34,8 +41,53 @@ class ArtifactRef:
     sha256: str
 
 
-def store_root(root: Path | None = None) -> Path:
-    return Path(root or get_settings().model_path)
+class ArtifactStore(Protocol):
+    """Where artifacts live; `write_artifact` and `read_artifact` are its only callers."""
+
+    url: str
+
+    def staging(self) -> Path:
+        """A local directory to write an artifact in before it is published."""
+
+    def exists(self, path: str) -> bool:
+        """Whether the artifact at `path` is published (its manifest is there)."""
+
+    def publish(self, path: str, arrays_file: Path, manifest_text: str) -> None:
+        """Store the arrays (moved from `arrays_file`), then the manifest, at `path`."""
+
+    def arrays_file(self, path: str, sha256: str) -> Path:
+        """A local file holding the artifact's arrays, its sha256 verified."""
+
+    def manifest_text(self, path: str) -> str:
+        """The artifact's manifest as stored."""
+
+    def local_file(self, key: str) -> Path:
+        """A local file to write `key` (relative to the store) before `put_file`."""
+
+    def put_file(self, local: Path, key: str) -> str:
+        """Publish a file made with `local_file` under `key`; returns where it now lives."""
+
+
+def is_object_store(location: str | Path) -> bool:
+    return str(location).startswith(OBJECT_STORE_SCHEME)
+
+
+def open_store(root: str | Path | None = None) -> ArtifactStore:
+    """The store at `root` (a directory or an s3:// URL); MODEL_PATH when None."""
+    location = str(root) if root is not None else get_settings().model_path
+    if is_object_store(location):
+        from shared.object_store import object_store
+
+        return object_store(location)
+    return LocalStore(Path(location))
+
+
+def store_root(root: str | Path | None = None) -> Path:
+    """The directory of a local store (MODEL_PATH when None)."""
+    location = str(root) if root is not None else get_settings().model_path
+    if is_object_store(location):
+        raise ArtifactError(f"MODEL_PATH {location} is an object store, not a directory")
+    return Path(location)
 
 
 def file_sha256(path: Path) -> str:
@@ -46,59 +98,103 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def checksum_mismatch(path: str, expected: str, actual: str) -> ArtifactError:
+    return ArtifactError(
+        f"artifact {path}: checksum mismatch (expected sha256 {expected}, file has {actual}); "
+        "refusing to load a modified artifact"
+    )
+
+
+class LocalStore:
+    """A directory: the single-host store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.url = str(root)
+
+    def staging(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self.root
+
+    def exists(self, path: str) -> bool:
+        return (self.root / path / MANIFEST).exists()
+
+    def publish(self, path: str, arrays_file: Path, manifest_text: str) -> None:
+        target = self.root / path
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.move(arrays_file, target / ARRAYS)
+        write_whole(target / MANIFEST, manifest_text)  # the manifest appears last, whole
+
+    def arrays_file(self, path: str, sha256: str) -> Path:
+        arrays_file = self.root / path / ARRAYS
+        if not arrays_file.exists():
+            raise ArtifactError(f"artifact {path}: {arrays_file} is missing")
+        actual = file_sha256(arrays_file)
+        if actual != sha256:
+            raise checksum_mismatch(path, sha256, actual)
+        return arrays_file
+
+    def manifest_text(self, path: str) -> str:
+        try:
+            return (self.root / path / MANIFEST).read_text()
+        except OSError as error:
+            raise ArtifactError(f"artifact {path}: manifest unreadable ({error})") from None
+
+    def local_file(self, key: str) -> Path:
+        return self.root / key
+
+    def put_file(self, local: Path, key: str) -> str:
+        return str(local.resolve())
+
+
+def write_whole(target: Path, text: str) -> None:
+    """Write `text` beside `target`, then rename it into place: readers see all or nothing."""
+    partial = target.with_name(f"{target.name}.{os.getpid()}.part")
+    partial.write_text(text)
+    partial.replace(target)
+
+
 def write_artifact(kind: str, arrays: dict[str, np.ndarray], manifest: dict[str, Any],
-                   root: Path | None = None) -> ArtifactRef:
+                   root: str | Path | None = None) -> ArtifactRef:
     """Store arrays and a manifest; the same bytes always land at the same path."""
-    base = store_root(root) / kind
-    base.mkdir(parents=True, exist_ok=True)
     for name, array in arrays.items():
         if np.asarray(array).dtype == object:
             raise ArtifactError(f"array {name!r} has dtype object, which would need pickle")
-    handle, temp_name = tempfile.mkstemp(dir=base, suffix=".npz")
+    store = open_store(root)
+    handle, temp_name = tempfile.mkstemp(dir=store.staging(), suffix=".npz")
     os.close(handle)
     temp = Path(temp_name)
     try:
         np.savez(temp, **arrays)
         sha256 = file_sha256(temp)
-        target = base / sha256[:2] / sha256
-        if not (target / MANIFEST).exists():
-            target.mkdir(parents=True, exist_ok=True)
-            shutil.move(temp, target / ARRAYS)
+        path = f"{kind}/{sha256[:2]}/{sha256}"
+        if not store.exists(path):
             described = {
                 **manifest,
                 "sha256": sha256,
                 "arrays": {n: {"dtype": str(a.dtype), "shape": list(a.shape)}
                            for n, a in arrays.items()},
             }
-            partial = target / (MANIFEST + ".part")
-            partial.write_text(json.dumps(described, indent=2, sort_keys=True, default=str))
-            partial.replace(target / MANIFEST)  # the manifest appears last, whole
+            store.publish(path, temp, json.dumps(described, indent=2, sort_keys=True,
+                                                 default=str))
     finally:
         temp.unlink(missing_ok=True)
-    return ArtifactRef(f"{kind}/{sha256[:2]}/{sha256}", sha256)
+    return ArtifactRef(path, sha256)
 
 
-def read_manifest(path: str, root: Path | None = None) -> dict[str, Any]:
-    where = store_root(root) / path / MANIFEST
+def read_manifest(path: str, root: str | Path | None = None) -> dict[str, Any]:
+    text = open_store(root).manifest_text(path)
     try:
-        return json.loads(where.read_text())
-    except (OSError, ValueError) as error:
+        return json.loads(text)
+    except ValueError as error:
         raise ArtifactError(f"artifact {path}: manifest unreadable ({error})") from None
 
 
-def read_artifact(path: str, sha256: str, root: Path | None = None
+def read_artifact(path: str, sha256: str, root: str | Path | None = None
                   ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Arrays and manifest of an artifact, refused unless its sha256 is the expected one."""
-    folder = store_root(root) / path
-    arrays_file = folder / ARRAYS
-    if not arrays_file.exists():
-        raise ArtifactError(f"artifact {path}: {arrays_file} is missing")
-    actual = file_sha256(arrays_file)
-    if actual != sha256:
-        raise ArtifactError(
-            f"artifact {path}: checksum mismatch (expected sha256 {sha256}, file has {actual}); "
-            "refusing to load a modified artifact"
-        )
+    store = open_store(root)
+    arrays_file = store.arrays_file(path, sha256)
     manifest = read_manifest(path, root)
     if manifest.get("sha256") != sha256:
         raise ArtifactError(f"artifact {path}: manifest names sha256 {manifest.get('sha256')}, "

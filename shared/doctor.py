@@ -141,6 +141,17 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def _artifact_store(settings: Settings) -> Check:
+    from shared.artifacts import ArtifactError, is_object_store
+
+    if is_object_store(settings.model_path):
+        from shared.object_store import object_store
+
+        try:
+            return Check("artifact store", True, object_store(settings.model_path).check())
+        except ArtifactError as error:
+            return Check("artifact store", False, str(error),
+                         "start the object store, create its bucket or correct MODEL_PATH, "
+                         "S3_ENDPOINT_URL and the AWS_* keys")
     root = Path(settings.model_path)
     existing = _nearest_existing(root)
     if not os.access(existing, os.W_OK):
@@ -228,8 +239,13 @@ def _models(engine: Any) -> list[Check]:
 
 def _disk(settings: Settings) -> list[Check]:
     checks = []
+    from shared.artifacts import is_object_store
+
+    # An object store's disk is not this host's: what fills here is its cache.
+    model_disk = (settings.resolved_artifact_cache_path if is_object_store(settings.model_path)
+                  else settings.model_path)
     for label, path in (("disk DATA_PATH", settings.data_path),
-                        ("disk MODEL_PATH", settings.model_path)):
+                        ("disk MODEL_PATH", model_disk)):
         where = _nearest_existing(Path(path))
         free = shutil.disk_usage(where).free
         detail = f"{free / 2**30:.1f} GiB free under {where}"
@@ -291,8 +307,9 @@ CHECK_INPUTS = {
     "champion": ("database_url", "data_path", "model_path"),
     "challenger": ("database_url", "data_path", "model_path"),
     "broker": ("broker_url",), "workers": ("broker_url",), "cache": ("redis_url",),
-    "artifact store": ("model_path",), "disk DATA_PATH": ("data_path",),
-    "disk MODEL_PATH": ("model_path",),
+    "artifact store": ("model_path", "s3_endpoint_url", "aws_access_key_id",
+                       "aws_secret_access_key", "aws_default_region", "artifact_cache_path"),
+    "disk DATA_PATH": ("data_path",), "disk MODEL_PATH": ("model_path", "artifact_cache_path"),
 }
 
 

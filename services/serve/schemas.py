@@ -325,7 +325,8 @@ class BatchIn(BaseModel):
                               description="Keep items of any of these genres.")
     output: str | None = Field(None, max_length=1000, pattern=r"(?i)\.(parquet|csv|jsonl)$",
                                description="File the eval worker writes (.parquet, .csv or "
-                               ".jsonl); by default MODEL_PATH/batches/<task id>.parquet.")
+                               ".jsonl); by default MODEL_PATH/batches/<task id>.parquet "
+                               "(uploaded there when MODEL_PATH is an s3:// store).")
 
 
 class BatchQueued(BaseModel):

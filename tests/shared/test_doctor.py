@@ -144,3 +144,21 @@ def test_embedded_after_a_run_is_well_and_a_tampered_champion_is_caught(
     assert code == 1 and report["first_problem"]["name"] == "champion"
     assert f"v{champion['version']}" in report["first_problem"]["detail"]
     assert "checksum mismatch" in report["first_problem"]["detail"]
+
+
+def test_an_object_store_is_checked_reached_or_not_with_its_keys_masked(
+        tmp_path: Path, s3_server, s3_bucket: str) -> None:  # type: ignore[no-untyped-def]
+    env = {**embedded_env(tmp_path, **s3_server.env), "MODEL_PATH": f"s3://{s3_bucket}/models"}
+    _, report, text = doctor(env, tmp_path)
+    store = next(c for c in report["checks"] if c["name"] == "artifact store")
+    assert store["ok"] is True and f"s3://{s3_bucket}/models at {s3_server.endpoint} reached" \
+        in store["detail"], text
+    assert report["settings"]["AWS_SECRET_ACCESS_KEY"] == "***"
+    assert report["settings"]["AWS_ACCESS_KEY_ID"] == "***"
+    assert s3_server.secret_key not in text and s3_server.access_key not in text
+    env["MODEL_PATH"] = "s3://no-such-bucket-here/models"
+    _, report, text = doctor(env, tmp_path)
+    store = next(c for c in report["checks"] if c["name"] == "artifact store")
+    assert store["ok"] is False and "bucket 'no-such-bucket-here' does not exist" \
+        in store["detail"] and "s3://no-such-bucket-here/models" in store["detail"]
+    assert s3_server.secret_key not in text
