@@ -9,7 +9,9 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg2
 import pytest
+from sqlalchemy.engine import make_url
 
 from tests.serve.conftest import live_server, serve_db, serve_env, world  # noqa: F401
 
@@ -86,3 +88,15 @@ def screenshot(page, name: str) -> Path:  # type: ignore[no-untyped-def]
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+def dsn(url: str) -> str:
+    """A SQLAlchemy URL as psycopg2 takes it."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def champion_in_postgres(url: str) -> int:
+    with psycopg2.connect(dsn(url)) as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT version FROM model_alias WHERE name = 'recsys' "
+                       "AND alias = 'champion'")
+        return int(cursor.fetchone()[0])
