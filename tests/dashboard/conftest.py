@@ -4,11 +4,13 @@ per test), the dashboard under a real uvicorn, and Debian's Chromium driven by P
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
@@ -100,3 +102,11 @@ def champion_in_postgres(url: str) -> int:
         cursor.execute("SELECT version FROM model_alias WHERE name = 'recsys' "
                        "AND alias = 'champion'")
         return int(cursor.fetchone()[0])
+
+
+def log_in(client: httpx.Client, password: str = PASSWORD, user: str = USER) -> httpx.Response:
+    """The login form posted with its CSRF token, as a browser does."""
+    form = client.get("/login").text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
+    return client.post("/login", data={"username": user, "password": password,
+                                       "csrf_token": token, "next": "/"})

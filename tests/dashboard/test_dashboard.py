@@ -16,18 +16,17 @@ import psycopg2
 import pytest
 
 from tests.conftest import recsys_command, wait_for
-from tests.dashboard.conftest import PASSWORD, USER, champion_in_postgres, dsn, screenshot
+from tests.dashboard.conftest import (
+    USER,
+    champion_in_postgres,
+    dsn,
+    log_in,
+    screenshot,
+)
 from tests.serve.conftest import World, celery_worker
 
 PAGES = ["/", "/models", "/experiment", "/online", "/users/1", "/items/50", "/decisions",
          "/fragments/overview", "/fragments/experiment"]
-
-
-def log_in(client: httpx.Client, password: str = PASSWORD) -> httpx.Response:
-    form = client.get("/login").text
-    token = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
-    return client.post("/login", data={"username": USER, "password": password,
-                                       "csrf_token": token, "next": "/"})
 
 
 def test_nothing_is_served_without_the_login(dashboard_url: str, serve_db: str) -> None:
