@@ -34,6 +34,7 @@ from shared.celery_app import configure_app
 from shared.settings import Settings
 from tests.conftest import SERVICE_URLS, purge_service_queues, wait_for
 from tests.dashboard.conftest import log_in
+from tests.serve.conftest import free_port
 
 # The machine's own servers (in compose they are the postgres/rabbitmq/redis services).
 POSTGRES_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "postgres"}
@@ -245,7 +246,6 @@ def test_a_failing_one_shot_stops_up(tmp_path: Path) -> None:
 
 
 def test_a_failing_one_shot_stops_what_up_had_started(tmp_path: Path) -> None:
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -276,9 +276,7 @@ def test_a_failing_one_shot_stops_what_up_had_started(tmp_path: Path) -> None:
 @pytest.mark.timeout(240)
 def test_up_starts_the_dashboard_on_its_published_port(scratch_database: str,
                                                        tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**stack_env(scratch_database, tmp_path), "DASHBOARD_PORT": str(port),
            "DASHBOARD_USER": "operator", "DASHBOARD_PASSWORD": "stack-test-password"}
     state = tmp_path / "stack"
