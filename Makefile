@@ -34,6 +34,9 @@ lock: | $(BIN)/python
 ## Run the whole job on embedded defaults (SQLite, in-process tasks, no servers).
 demo: $(STAMP)
 	$(BIN)/recsys pipeline --stages all
+	@echo "To look at this run in the browser: $(BIN)/recsys dashboard, then http://127.0.0.1:8050" \
+		"(DASHBOARD_PORT; log in as DASHBOARD_USER, default admin, with DASHBOARD_PASSWORD," \
+		"recsys-dev when unset)"
 
 ## Run the whole test suite against the real Postgres, RabbitMQ and Redis.
 test: $(STAMP)

@@ -210,28 +210,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def models_page(request: Request, _user: Login) -> HTMLResponse:
         return page(request, "models.html", **models_data())
 
-    def action_result(request: Request, ok: bool, message: str, status: int = 200
-                      ) -> Response:
+    def action_result(request: Request, ok: bool, message: str, status: int = 200,
+                      back: str = "/models") -> Response:
         if not request.headers.get("hx-request"):  # a plain form post: back to the page
-            return RedirectResponse("/models", status_code=303)
+            return RedirectResponse(back, status_code=303)
         response = page(request, "_action.html", ok=ok, message=message)
         response.status_code = status
         if ok:  # the page's registry section reloads itself (models.html)
             response.headers["HX-Trigger"] = "registry-changed"
         return response
 
-    def move(request: Request, task: str, kwargs: dict[str, Any]) -> Response:
+    def move(request: Request, task: str, kwargs: dict[str, Any], back: str = "/models"
+             ) -> Response:
         try:
             moved = admin.move_alias(task, kwargs, ADMIN_TIMEOUT)
         except admin.AdminError as error:
-            return action_result(request, False, str(error), 409)
+            return action_result(request, False, str(error), 409, back)
         except admin.Unavailable as error:
-            return action_result(request, False, str(error), 503)
+            return action_result(request, False, str(error), 503, back)
         if moved.status == "queued":
             return action_result(request, True, f"queued (task {moved.task_id}): the registry "
-                                 "worker has not answered yet")
+                                 "worker has not answered yet", back=back)
         return action_result(request, True, f"{moved.action}: {moved.alias} is now "
-                             f"v{moved.version} (was v{moved.previous})")
+                             f"v{moved.version} (was v{moved.previous})", back=back)
 
     @app.post("/models/{version}/promote", response_model=None)
     def promote(request: Request, user: Action, version: Version,
@@ -254,7 +255,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/retrain", response_model=None)
     def retrain(request: Request, _user: Action) -> Response:
         try:
-            queued = admin.enqueue_retrain(RetrainIn())
+            queued = admin.enqueue_retrain(RetrainIn(), origin="dashboard")
         except RetrainRunning as error:
             return action_result(request, False, str(error), 409)
         except admin.Unavailable as error:
@@ -274,16 +275,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return page(request, "_experiment.html", status=experiment_status())
 
     @app.post("/experiment/promote", response_model=None)
-    def experiment_promote(request: Request, _user: Action,
+    def experiment_promote(request: Request, user: Action,
                            force: Annotated[bool, Form()] = False) -> Response:
-        try:
-            moved = ab.promote_winner(ab.ab_status(), force=force)
-        except Exception as error:  # noqa: BLE001 - the registry's refusal, shown as is
-            return action_result(request, False, f"{type(error).__name__}: {error}", 409)
-        if moved is None:
+        # The same registry.promote as the Models page's buttons (a slow worker answers
+        # "queued", a down broker 503), with the A/B figures as the reason.
+        kwargs = ab.winner_promotion(ab.ab_status(), force=force)
+        if kwargs is None:
             return action_result(request, False, "nothing promoted: the challenger has not "
-                                 "won (or there is none)", 409)
-        return action_result(request, True, f"champion is now v{moved.get('version')}")
+                                 "won (or there is none)", 409, "/experiment")
+        kwargs["reason"] += f"; dashboard, by {user}"
+        return move(request, "registry.promote", kwargs, "/experiment")
 
     @app.get("/online", response_class=HTMLResponse)
     def online(request: Request, _user: Login) -> HTMLResponse:

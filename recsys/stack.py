@@ -237,6 +237,40 @@ def published_ports(spec: Mapping[str, Any]) -> dict[int, int]:
     return ports
 
 
+def published_addresses(spec: Mapping[str, Any]) -> dict[int, str]:
+    """{container port: host address} of the `ports:` entries that name one (127.0.0.1)."""
+    addresses: dict[int, str] = {}
+    for entry in spec.get("ports") or []:
+        if isinstance(entry, dict):
+            target, address = str(entry.get("target", "")), entry.get("host_ip")
+        else:
+            parts = str(entry).split(":")
+            target, address = parts[-1], parts[-3] if len(parts) > 2 else None
+        target = target.split("/")[0]
+        if target.isdigit() and address:
+            addresses[int(target)] = str(address)
+    return addresses
+
+
+def local_command(spec: Mapping[str, Any]) -> list[str]:
+    """A service's command as a local process runs it: `--port <container port>` becomes
+    the port compose publishes it on (SERVE_PORT, DASHBOARD_PORT), and `--host` the
+    address it publishes on, loopback unless compose says otherwise. In a container
+    0.0.0.0 reaches only the compose network; on this machine it would be every interface."""
+    argv = service_command(spec)
+    if "--port" not in argv[:-1] or not argv[argv.index("--port") + 1].isdigit():
+        return argv
+    at = argv.index("--port") + 1
+    target = int(argv[at])
+    published = published_ports(spec)
+    if target not in published:
+        return argv
+    argv[at] = str(published[target])
+    if "--host" in argv[:-1]:
+        argv[argv.index("--host") + 1] = published_addresses(spec).get(target, LOCAL_HOST)
+    return argv
+
+
 def local_hosts(services: Mapping[str, dict[str, Any]],
                 apps: Iterable[str]) -> dict[str, dict[int, int]]:
     """Hostname -> port map of the servers compose runs and the machine provides here."""
@@ -544,7 +578,7 @@ def up(services: list[str] | None = None, state_dir: Path | None = None,
     started: list[tuple[subprocess.Popen[bytes], dict[str, Any]]] = []
     try:
         for name in order:
-            spec, argv = apps[name], [executable, *service_command(apps[name])]
+            spec, argv = apps[name], [executable, *local_command(apps[name])]
             if not is_one_shot(spec) and current.get(name, {}).get("running"):
                 results.append({**current[name], "state": "already running"})
                 continue

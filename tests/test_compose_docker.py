@@ -154,6 +154,8 @@ def stack(ml100k: Path, pytestconfig: pytest.Config) -> Iterator[Stack]:
     # names .env.example lists, so a developer's .env cannot reach this project's ports.
     for name in ("POSTGRES_PORT", "RABBITMQ_PORT", "REDIS_PORT", "RECSYS_IMAGE"):
         env.pop(name, None)
+    ports["dashboard"] = free_port()  # published on loopback like the other UIs
+    env["DASHBOARD_PORT"] = str(ports["dashboard"])
     stack = Stack(env=env, ports=ports, config=pytestconfig)
     stack.compose("down", "-v", "--remove-orphans", timeout=300)  # a previous run's leftovers
     try:
@@ -204,6 +206,12 @@ def test_flower_asks_for_credentials(stack: Stack) -> None:
     assert httpx.get(stack.url("flower", "/"), auth=("admin", "wrong"),
                      timeout=10).status_code == 401
     assert httpx.get(stack.url("flower", "/"), auth=FLOWER, timeout=10).status_code == 200
+
+
+def test_the_dashboard_answers_on_its_port_behind_the_login(stack: Stack) -> None:
+    assert httpx.get(stack.url("dashboard", "/login"), timeout=10).status_code == 200
+    page = httpx.get(stack.url("dashboard", "/"), timeout=10)
+    assert page.status_code == 303 and page.headers["location"].startswith("/login")
 
 
 def test_prometheus_scrapes_every_worker(stack: Stack) -> None:

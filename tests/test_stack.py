@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg2
 import pytest
 import sqlalchemy as sa
@@ -19,6 +21,7 @@ from recsys.stack import (
     StackError,
     down,
     interpolate,
+    local_command,
     local_environment,
     localize,
     pid_alive,
@@ -29,7 +32,9 @@ from recsys.stack import (
 from shared.celery_app import app as celery_app
 from shared.celery_app import configure_app
 from shared.settings import Settings
-from tests.conftest import SERVICE_URLS, purge_service_queues
+from tests.conftest import SERVICE_URLS, purge_service_queues, wait_for
+from tests.dashboard.conftest import log_in
+from tests.serve.conftest import free_port
 
 # The machine's own servers (in compose they are the postgres/rabbitmq/redis services).
 POSTGRES_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "postgres"}
@@ -87,6 +92,17 @@ def test_start_order_puts_dependencies_and_one_shots_first() -> None:
     assert start_order(apps, apps) == ["migrate", "seed", "ingest", "serve"]
     with pytest.raises(StackError, match="dependency cycle"):
         start_order({"a": {"depends_on": ["b"]}, "b": {"depends_on": ["a"]}}, ["a"])
+
+
+def test_a_published_service_listens_where_compose_publishes_it() -> None:
+    spec = {"command": ["dashboard", "--host", "0.0.0.0", "--port", "8050"],
+            "ports": ["127.0.0.1:18050:8050"]}
+    assert local_command(spec) == ["dashboard", "--host", "127.0.0.1", "--port", "18050"]
+    spec = {"command": "serve --host 0.0.0.0 --port 8000 --workers 2",
+            "ports": [{"target": 8000, "published": 8001}]}
+    assert local_command(spec) == ["serve", "--host", "127.0.0.1", "--port", "8001",
+                                   "--workers", "2"]
+    assert local_command({"command": ["worker", "ingest"]}) == ["worker", "ingest"]
 
 
 # --- against the real Postgres, RabbitMQ and Redis -------------------------------------
@@ -230,7 +246,6 @@ def test_a_failing_one_shot_stops_up(tmp_path: Path) -> None:
 
 
 def test_a_failing_one_shot_stops_what_up_had_started(tmp_path: Path) -> None:
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -256,3 +271,32 @@ def test_a_failing_one_shot_stops_what_up_had_started(tmp_path: Path) -> None:
     assert rows["serve"]["running"] is False and rows["serve"]["state"] == "stopped"
     with socket.socket() as probe:  # nothing listens there any more
         assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.timeout(240)
+def test_up_starts_the_dashboard_on_its_published_port(scratch_database: str,
+                                                       tmp_path: Path) -> None:
+    port = free_port()
+    env = {**stack_env(scratch_database, tmp_path), "DASHBOARD_PORT": str(port),
+           "DASHBOARD_USER": "operator", "DASHBOARD_PASSWORD": "stack-test-password"}
+    state = tmp_path / "stack"
+    try:
+        rows = up(["dashboard"], state_dir=state, env=env)
+        assert [(r["name"], r["state"]) for r in rows] == [("migrate", "completed"),
+                                                            ("dashboard", "started")]
+        assert rows[1]["command"] == f"recsys dashboard --host 127.0.0.1 --port {port}"
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            def answers() -> bool:
+                try:
+                    return client.get("/login").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            wait_for(answers, timeout=120, what="the stack's dashboard to answer")
+            assert client.get("/").status_code == 303  # behind the login
+            assert log_in(client, "stack-test-password", "operator").status_code == 303
+            overview = client.get("/")
+            assert overview.status_code == 200 and 'data-count="ratings"' in overview.text
+    finally:
+        stopped = down(state, timeout=20)
+    assert [(r["name"], r["running"]) for r in stopped] == [("dashboard", False)]

@@ -92,8 +92,9 @@ def ab_status(since: dt.datetime | None = None, until: dt.datetime | None = None
             "min_sample_per_arm": needed, "enough_sample": enough, "winner": verdict}
 
 
-def promote_winner(status: dict[str, Any], force: bool = False) -> dict[str, Any] | None:
-    """Promote the challenger when it won (or when forced); None when nothing moves."""
+def winner_promotion(status: dict[str, Any], force: bool = False) -> dict[str, Any] | None:
+    """registry.promote's arguments that make the challenger champion when it won (or when
+    forced); None when nothing should move."""
     if status["winner"] != "challenger" and not force:
         return None
     with session_scope() as session:
@@ -104,7 +105,14 @@ def promote_winner(status: dict[str, Any], force: bool = False) -> dict[str, Any
     reason = (f"A/B: challenger CTR {status['arms'].get('challenger', {}).get('ctr', 0):.4f} "
               f"vs champion {status['arms'].get('champion', {}).get('ctr', 0):.4f}, "
               f"p={status['p_value']:.4g}" + (" (forced)" if force else ""))
-    kwargs = {"version": version, "alias": "champion", "reason": reason}
+    return {"version": version, "alias": "champion", "reason": reason}
+
+
+def promote_winner(status: dict[str, Any], force: bool = False) -> dict[str, Any] | None:
+    """Promote the challenger when it won (or when forced); None when nothing moves."""
+    kwargs = winner_promotion(status, force)
+    if kwargs is None:
+        return None
     if app.conf.task_always_eager:
         return app.tasks["registry.promote"].apply(kwargs=kwargs).get()
     return app.send_task("registry.promote", kwargs=kwargs, queue="registry").get(timeout=60)

@@ -122,9 +122,10 @@ def move_alias(task: str, kwargs: dict[str, Any], timeout: float) -> AliasMove:
         "alias", "version", "previous", "action", "reason")})
 
 
-def enqueue_retrain(options: RetrainIn) -> RetrainQueued:
+def enqueue_retrain(options: RetrainIn, origin: str = "api") -> RetrainQueued:
     """Queue the chain transform -> train -> register -> evaluate -> promote under the one
-    retrain lock; RetrainRunning (409) when a retrain runs already, from anywhere."""
+    retrain lock; RetrainRunning (409) when a retrain runs already, from anywhere. The
+    lock's holder starts with `origin`, which says who asked."""
     from shared.pipeline import build_chain, select_stages  # imports every service's tasks
 
     chosen = select_stages(RETRAIN_STAGES, None)
@@ -133,7 +134,7 @@ def enqueue_retrain(options: RetrainIn) -> RetrainQueued:
         "algorithms": options.algorithms, "trials": options.trials})
     stages = [s.name for s in chosen]
     try:
-        locked = lock_retrain(workflow, "api")
+        locked = lock_retrain(workflow, origin)
     except SQLAlchemyError as error:
         raise Unavailable(f"the retrain lock could not be taken (database: "
                           f"{type(error).__name__})") from None

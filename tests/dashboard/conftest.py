@@ -4,12 +4,16 @@ per test), the dashboard under a real uvicorn, and Debian's Chromium driven by P
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import psycopg2
 import pytest
+from sqlalchemy.engine import make_url
 
 from tests.serve.conftest import live_server, serve_db, serve_env, world  # noqa: F401
 
@@ -86,3 +90,23 @@ def screenshot(page, name: str) -> Path:  # type: ignore[no-untyped-def]
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+def dsn(url: str) -> str:
+    """A SQLAlchemy URL as psycopg2 takes it."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def champion_in_postgres(url: str) -> int:
+    with psycopg2.connect(dsn(url)) as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT version FROM model_alias WHERE name = 'recsys' "
+                       "AND alias = 'champion'")
+        return int(cursor.fetchone()[0])
+
+
+def log_in(client: httpx.Client, password: str = PASSWORD, user: str = USER) -> httpx.Response:
+    """The login form posted with its CSRF token, as a browser does."""
+    form = client.get("/login").text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
+    return client.post("/login", data={"username": user, "password": password,
+                                       "csrf_token": token, "next": "/"})

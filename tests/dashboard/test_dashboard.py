@@ -14,32 +14,19 @@ from pathlib import Path
 import httpx
 import psycopg2
 import pytest
-from sqlalchemy.engine import make_url
 
 from tests.conftest import recsys_command, wait_for
-from tests.dashboard.conftest import PASSWORD, USER, screenshot
+from tests.dashboard.conftest import (
+    USER,
+    champion_in_postgres,
+    dsn,
+    log_in,
+    screenshot,
+)
 from tests.serve.conftest import World, celery_worker
 
 PAGES = ["/", "/models", "/experiment", "/online", "/users/1", "/items/50", "/decisions",
          "/fragments/overview", "/fragments/experiment"]
-
-
-def dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def champion_in_postgres(url: str) -> int:
-    with psycopg2.connect(dsn(url)) as conn, conn.cursor() as cursor:
-        cursor.execute("SELECT version FROM model_alias WHERE name = 'recsys' "
-                       "AND alias = 'champion'")
-        return int(cursor.fetchone()[0])
-
-
-def log_in(client: httpx.Client, password: str = PASSWORD) -> httpx.Response:
-    form = client.get("/login").text
-    token = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
-    return client.post("/login", data={"username": USER, "password": password,
-                                       "csrf_token": token, "next": "/"})
 
 
 def test_nothing_is_served_without_the_login(dashboard_url: str, serve_db: str) -> None:
