@@ -295,13 +295,19 @@ def blend_of(blend: str, parts: list[Recommender], params: Params) -> BlendModel
 
 
 def _fit_blend(
-    name: str, train_csr: sp.spmatrix, params: Params, seed: int, num_threads: int = 0
+    name: str, train_csr: sp.spmatrix, params: Params, seed: int, num_threads: int = 0,
+    on_iteration: IterationCallback | None = None,
 ) -> BlendModel:
     """A blend (see BlendModel): each part fitted on the same matrix with its own
-    parameters, their standardised scores summed with the tuned weights."""
-    parts = [ALGORITHMS[part].fit_fn(train_csr, own, seed, num_threads=num_threads)
+    parameters, their standardised scores summed with the tuned weights. ``on_iteration``
+    follows the iterative parts (ALS, BPR)."""
+    parts = [ALGORITHMS[part].fit(train_csr, own, seed, num_threads,
+                                  on_iteration if part in ITERATIVE else None)
              for part, own in blend_part_params(name, params)]
     return blend_of(name, parts, params)
+
+
+ITERATIVE = ("als", "bpr")  # the fits that take an IterationCallback
 
 
 def _prefixed(part: str, keys: Mapping[str, Any]) -> dict[str, Any]:

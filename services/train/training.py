@@ -187,16 +187,17 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
         progress("fit", {"algorithm": algorithm, "params": chosen})
     fitting = time.perf_counter()
     stopped: list[int] = []
+    iterations = iterations_key(algorithm)
     hook = final_fit_stop(deadline, stopped) if (
-        deadline is not None and algorithm in PRUNING_STEPS) else None
+        deadline is not None and iterations) else None
     model = fit_algorithm(algorithm, data.matrix("train"), chosen, settings.seed, threads(),
                           on_iteration=hook)
     fit_seconds = time.perf_counter() - fitting
-    if stopped:
+    if stopped and iterations:
         tuning = tuning or {}
         tuning["final_fit_cut"] = (f"deadline: the final fit stopped after iteration "
-                                   f"{stopped[0]} of {chosen['iterations']}")
-        chosen = {**chosen, "iterations": stopped[0]}
+                                   f"{stopped[0]} of {chosen[iterations]}")
+        chosen = {**chosen, iterations: stopped[0]}
     if tuning is not None:
         tuning["fit_seconds"] = round(fit_seconds, 3)
     arrays = {**model.to_arrays(), "user_ids": data.arrays["user_ids"],
@@ -221,6 +222,15 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
             "validation": manifest["validation"], "tuned": bool(tune and spec.search_space),
             "cross_validation": spread, "tuning": tuning,
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def iterations_key(algorithm: str) -> str:
+    """The parameter counting the iterations a final fit can stop after: ALS's and BPR's
+    ``iterations``, a blend's iterative part's under its prefix ("" for the others)."""
+    if algorithm in PRUNING_STEPS:
+        return "iterations"
+    return next((f"{part}_iterations" for part in BLEND_PARTS.get(algorithm, ())
+                 if part in PRUNING_STEPS), "")
 
 
 def final_fit_stop(deadline: float, stopped: list[int]) -> IterationCallback:

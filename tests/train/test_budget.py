@@ -13,6 +13,8 @@ import scipy.sparse as sp
 from services.train.training import (
     TrainingError,
     cross_validation_refusal,
+    fit_on_snapshot,
+    load_snapshot,
     train_many,
     trial_cap,
 )
@@ -240,3 +242,14 @@ def test_cross_validation_runs_only_when_its_folds_fit_what_is_left(snapshot: di
     (budgeted,) = train_many(snapshot, ["ease"], n_trials=2, cv_folds=3, tune_budget=600)
     assert len(budgeted["cross_validation"]["folds"]) == 3  # ample time: it ran, after the fit
     assert "cross_validation_cut" not in budgeted["tuning"]
+
+
+def test_a_blends_final_fit_stops_its_iterative_part_at_the_deadline(snapshot: dict) -> None:
+    # One trial: no search measures the blend, and its ALS part, estimated at nothing as
+    # an iterative fit, would not finish a million iterations in the allowance.
+    result = fit_on_snapshot(load_snapshot(snapshot), "ease_als",
+                             {"als_factors": 4, "als_iterations": 1_000_000}, tune=True,
+                             n_trials=1, allowance=1.0)
+    assert not result.get("skipped") and result["artifact_path"]
+    assert result["tuning"]["final_fit_cut"].startswith("deadline: the final fit stopped")
+    assert result["params"]["als_iterations"] < 1_000_000
