@@ -23,6 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from services.train.ease_path import factorises_users, gram_spectrum
 from shared.features import Weighting
 from shared.recommenders import (
     BlendModel,
@@ -147,10 +148,20 @@ def _fit_ease(
             "approximation, or drop rare items with filter_min_interactions or raise max_items"
         )
     weighting, matrix = _weighted(train_csr, params)
+    l2 = float(params["l2"])
     with threadpool_limits(num_threads or default_num_threads(), "blas"):
-        gram = (matrix.T @ matrix).toarray().astype(np.float64)
-        gram[np.diag_indices(n_items)] += float(params["l2"])
-        inverse = np.linalg.inv(gram)
+        # P from the users' Gram (see ease_path; exact) where users are few: it costs an
+        # users^3 factorisation and an items^2 x users product against the items^3
+        # inversion, about even at ml-100k's 943 users of 1,682 items, so below half.
+        if factorises_users(matrix, share=0.5):
+            spectrum = gram_spectrum(matrix)
+            q = spectrum.eigenvectors
+            inverse = (q * spectrum.spectrum_shift(l2)) @ q.T
+            inverse[np.diag_indices(n_items)] += 1.0 / l2
+        else:
+            gram = (matrix.T @ matrix).toarray().astype(np.float64)
+            gram[np.diag_indices(n_items)] += l2
+            inverse = np.linalg.inv(gram)
     weights = -inverse / np.diag(inverse)  # column j scaled by -1/P_jj, i.e. I - P/diag(P)
     weights[np.diag_indices(n_items)] = 0.0
     return ItemSimilarityModel("ease", weighting, weights.astype(np.float32))
@@ -284,13 +295,19 @@ def blend_of(blend: str, parts: list[Recommender], params: Params) -> BlendModel
 
 
 def _fit_blend(
-    name: str, train_csr: sp.spmatrix, params: Params, seed: int, num_threads: int = 0
+    name: str, train_csr: sp.spmatrix, params: Params, seed: int, num_threads: int = 0,
+    on_iteration: IterationCallback | None = None,
 ) -> BlendModel:
     """A blend (see BlendModel): each part fitted on the same matrix with its own
-    parameters, their standardised scores summed with the tuned weights."""
-    parts = [ALGORITHMS[part].fit_fn(train_csr, own, seed, num_threads=num_threads)
+    parameters, their standardised scores summed with the tuned weights. ``on_iteration``
+    follows the iterative parts (ALS, BPR)."""
+    parts = [ALGORITHMS[part].fit(train_csr, own, seed, num_threads,
+                                  on_iteration if part in ITERATIVE else None)
              for part, own in blend_part_params(name, params)]
     return blend_of(name, parts, params)
+
+
+ITERATIVE = ("als", "bpr")  # the fits that take an IterationCallback
 
 
 def _prefixed(part: str, keys: Mapping[str, Any]) -> dict[str, Any]:

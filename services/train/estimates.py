@@ -6,11 +6,23 @@ share (see TrialClock); before the first trial ends, it has only this estimate:
 - ALS and BPR: none needed (0 s). A running trial is cut at the iteration after which its
   final fit would no longer end in time (TrialObjective.iteration_hook), so an iterative
   trial cannot overrun by more than one iteration.
-- Dense EASE: the Gram matrix of the fit matrix (extended from two user samples as below)
-  plus one n x n eigendecomposition, timed on a PROBE_ITEMS x PROBE_ITEMS matrix (the
-  fastest of three, a load spike aside) and scaled by (n / PROBE_ITEMS) ** 3. Small solves
-  run below a large one's flop rate, so the cubic scaling errs long (about 1.5x at 3,000
-  items here).
+- Dense EASE: what its search factorises once (services.train.ease_path): the smaller
+  Gram matrix (X^T X, or X X^T where fewer users than items interacted), timed on two
+  nested samples of its other side and extended linearly in the co-occurrences it counts,
+  plus one m x m eigendecomposition, m the smaller of the users and the items. That is
+  timed on one BLAS thread at min(m, PROBE_SIDE) rows (exactly m up to PROBE_SIDE) and
+  scaled by the cube of m over that side.
+- Why so: every timing is the fastest of a few runs (``fastest_seconds``), since other
+  processes' load only ever adds time. A small multi-threaded solve is what load hurts
+  most (its threads wait on each other at every step): on this shared 2-core machine,
+  a 384 x 384 eigendecomposition on two threads, fastest of three, scaled to 4,724 items
+  gave 79 to 89 s for a solve that took 12 to 20 s, and one at 768 gave 21 to 43 s. On one
+  thread, 768 x 768 scaled to 20 s for a one-thread solve of 20 s, as at 1,536 rows (19 s).
+  The real solve runs on the train threads, so on a quiet machine the estimate errs long by
+  their speed-up (about 1.7x on two cores); under load, where extra threads gain little,
+  it is about right. The EASE probe costs about 0.3 s of eigendecompositions plus the
+  sampled Gram matrices (0.6 s at 4,724 items and 1.1 million ratings, where the Gram
+  itself took 0.8 s and the eigendecomposition 12 to 20 s).
 - A blend: the sum of its parts' estimates, or of the final fit a part had earlier in the
   same run (on train, larger than the fit matrix, so again long).
 - The others (item kNN, sparse_ease): the defaults fitted on two nested seeded samples
@@ -35,11 +47,15 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 from services.train.algorithms import ALGORITHMS, BLEND_PARTS, blend_part_params, fit_algorithm
+from services.train.ease_path import factorises_users
 from services.train.tuning import PRUNING_STEPS
 
-PROBE_ITEMS = 384
+PROBE_SIDE = 768
+PROBE_REPEATS = 3  # an eigendecomposition's timings
+GRAM_REPEATS = 2  # a sampled Gram's: each densifies an items x items (or users) matrix
 PROBE_SHARE = 0.2
 
 
@@ -72,8 +88,7 @@ def first_trial_estimate(algorithm: str, matrix: sp.csr_matrix, params: Mapping[
                 rules.append(f"{part}: {estimate.rule}")
         rule = "; ".join(rules)
     elif algorithm == "ease":
-        seconds = _gram_seconds(matrix, seed) + _cubic_seconds(matrix.shape[1], seed)
-        rule = f"Gram on a user sample + eigendecomposition scaled from {PROBE_ITEMS} items"
+        seconds, rule = _ease_seconds(matrix, seed)
     else:
         seconds = _sampled_fit_seconds(algorithm, matrix, params, seed, num_threads)
         rule = (f"defaults fitted on {PROBE_SHARE / 2:.0%} and {PROBE_SHARE:.0%} of the "
@@ -81,9 +96,24 @@ def first_trial_estimate(algorithm: str, matrix: sp.csr_matrix, params: Mapping[
     return Estimate(seconds, time.perf_counter() - started, rule)
 
 
-def _cost(matrix: sp.csr_matrix) -> float:
-    """Sum of squared user row lengths: the item pairs a co-occurrence count visits."""
-    lengths = np.diff(matrix.indptr).astype(np.float64)
+def fastest_seconds(work: Callable[[], object], repeats: int = PROBE_REPEATS,
+                    clock: Callable[[], float] = time.perf_counter) -> float:
+    """The least of ``repeats`` timings of ``work`` by ``clock``: other processes' load
+    only ever adds time, so the fastest run is the closest to the work's own cost."""
+    fastest = np.inf
+    for _ in range(max(repeats, 1)):
+        started = clock()
+        work()
+        fastest = min(fastest, clock() - started)
+    return float(fastest)
+
+
+def _cost(matrix: sp.csr_matrix, axis: int = 0) -> float:
+    """Sum of the squared lengths of the rows (``axis`` 0) or columns (1): the pairs of
+    entries the Gram matrix of the other side visits."""
+    matrix = sp.csr_matrix(matrix)
+    lengths = (np.diff(matrix.indptr) if axis == 0 else
+               np.bincount(matrix.indices, minlength=matrix.shape[1])).astype(np.float64)
     return float(lengths @ lengths) + 1.0
 
 
@@ -96,22 +126,32 @@ def _sample(matrix: sp.csr_matrix, seed: int, share: float, axis: int) -> sp.csr
     return sp.csr_matrix(matrix[chosen] if axis == 0 else matrix[:, chosen])
 
 
-def _gram_seconds(matrix: sp.csr_matrix, seed: int) -> float:
-    return _extended_seconds(matrix, seed, lambda sample: (sample.T @ sample).toarray(),
-                             axis=0)
+def _ease_seconds(matrix: sp.csr_matrix, seed: int) -> tuple[float, str]:
+    """EASE's search factorisation (see the module), and the rule said."""
+    matrix = sp.csr_matrix(matrix, dtype=np.float64)
+    if factorises_users(matrix):  # X X^T, users x users, over samples of the items
+        users = matrix[np.flatnonzero(np.diff(matrix.indptr))]
+        gram = _extended_seconds(users, seed, lambda sample: (sample @ sample.T).toarray(),
+                                 axis=1)
+        side, which = users.shape[0], "users'"
+    else:
+        gram = _extended_seconds(matrix, seed, lambda sample: (sample.T @ sample).toarray(),
+                                 axis=0)
+        side, which = matrix.shape[1], "items'"
+    probe = min(side, PROBE_SIDE)
+    factor = eigh_seconds(probe, seed) * (side / probe) ** 3
+    return gram + factor, (f"{which} Gram on two samples + eigendecomposition of "
+                           f"{side} x {side} timed at {probe} on one thread")
 
 
-def _cubic_seconds(n_items: int, seed: int) -> float:
-    side = PROBE_ITEMS
+def eigh_seconds(side: int, seed: int) -> float:
+    """The fastest of PROBE_REPEATS eigendecompositions of a side x side Gram matrix, on
+    one BLAS thread (see the module)."""
     rng = np.random.default_rng(seed)
     square = rng.standard_normal((side, side))
     gram = square @ square.T + side * np.eye(side)
-    fastest = np.inf
-    for _ in range(3):
-        started = time.perf_counter()
-        np.linalg.eigh(gram)
-        fastest = min(fastest, time.perf_counter() - started)
-    return fastest * (n_items / side) ** 3
+    with threadpool_limits(1, "blas"):
+        return fastest_seconds(lambda: np.linalg.eigh(gram))
 
 
 def _sampled_fit_seconds(algorithm: str, matrix: sp.csr_matrix, params: Mapping[str, Any],
@@ -133,15 +173,15 @@ def _sampled_fit_seconds(algorithm: str, matrix: sp.csr_matrix, params: Mapping[
 
 def _extended_seconds(matrix: sp.csr_matrix, seed: int,
                       work: Callable[[sp.csr_matrix], object], axis: int) -> float:
-    """``work`` timed on two nested samples of the users (``axis`` 0) or the items (1),
-    extended along their co-occurrence cost to the whole matrix (see the module)."""
+    """``work`` timed (the fastest of GRAM_REPEATS) on two nested samples of the users
+    (``axis`` 0) or the items (1), extended along their co-occurrence cost to the whole
+    matrix (see the module)."""
     matrix = sp.csr_matrix(matrix)
     points = []
     for share in (PROBE_SHARE / 2, PROBE_SHARE):
         sample = _sample(matrix, seed, share, axis)
-        started = time.perf_counter()
-        work(sample)
-        points.append((_cost(sample), time.perf_counter() - started))
+        points.append((_cost(sample, axis),
+                       fastest_seconds(lambda s=sample: work(s), GRAM_REPEATS)))
     (small, small_seconds), (large, large_seconds) = points
     slope = max(large_seconds - small_seconds, 0.0) / max(large - small, 1.0)
-    return max(large_seconds + slope * (_cost(matrix) - large), large_seconds)
+    return max(large_seconds + slope * (_cost(matrix, axis) - large), large_seconds)

@@ -97,7 +97,9 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
     final fits of the algorithms before this one), a running ALS/BPR trial stops at the
     deadline, and when the final fit itself is expected to end past the allowance the
     algorithm is skipped: the record has no artifact, ``skipped`` true and its
-    ``cut_reason``. With ``workers`` above 1,
+    ``cut_reason``. Cross-validation (``cv_folds``) follows the final fit and, under an
+    allowance, runs only when its folds are expected to end within it (else
+    ``tuning.cross_validation_cut`` says why). With ``workers`` above 1,
     ``workers - 1`` other train workers draw trials of the same study. A search capped
     at one trial has nothing to choose between: it fits the defaults once, on train.
     """
@@ -181,22 +183,23 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
                     "validation": {f"validation_{k}": v for k, v in validation.items()},
                     "tuned": False, "cross_validation": None, "tuning": tuning,
                     "seconds": round(time.perf_counter() - started, 3)}
-    spread = cross_validation(data, algorithm, chosen, cv_folds) if cv_folds else None
     if progress:
         progress("fit", {"algorithm": algorithm, "params": chosen})
     fitting = time.perf_counter()
     stopped: list[int] = []
+    iterations = iterations_key(algorithm)
     hook = final_fit_stop(deadline, stopped) if (
-        deadline is not None and algorithm in PRUNING_STEPS) else None
+        deadline is not None and iterations) else None
     model = fit_algorithm(algorithm, data.matrix("train"), chosen, settings.seed, threads(),
                           on_iteration=hook)
-    if stopped:
+    fit_seconds = time.perf_counter() - fitting
+    if stopped and iterations:
         tuning = tuning or {}
         tuning["final_fit_cut"] = (f"deadline: the final fit stopped after iteration "
-                                   f"{stopped[0]} of {chosen['iterations']}")
-        chosen = {**chosen, "iterations": stopped[0]}
+                                   f"{stopped[0]} of {chosen[iterations]}")
+        chosen = {**chosen, iterations: stopped[0]}
     if tuning is not None:
-        tuning["fit_seconds"] = round(time.perf_counter() - fitting, 3)
+        tuning["fit_seconds"] = round(fit_seconds, 3)
     arrays = {**model.to_arrays(), "user_ids": data.arrays["user_ids"],
               "item_ids": data.arrays["item_ids"]}
     manifest = {"kind": "model", "algorithm": algorithm, "params": chosen,
@@ -207,11 +210,27 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
     if tuning is not None:
         tuning["write_seconds"] = round(time.perf_counter() - writing, 3)
         tuning["slack_seconds"] = slack_seconds(tuning)
+    spread = None
+    if cv_folds:
+        refusal = cross_validation_refusal(cv_folds, fit_seconds, deadline)
+        if refusal:
+            tuning = {**(tuning or {}), "cross_validation_cut": refusal}
+        else:
+            spread = cross_validation(data, algorithm, chosen, cv_folds)
     return {"algorithm": algorithm, "params": chosen, "artifact_path": ref.path,
             "sha256": ref.sha256, "snapshot": data.info,
             "validation": manifest["validation"], "tuned": bool(tune and spec.search_space),
             "cross_validation": spread, "tuning": tuning,
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def iterations_key(algorithm: str) -> str:
+    """The parameter counting the iterations a final fit can stop after: ALS's and BPR's
+    ``iterations``, a blend's iterative part's under its prefix ("" for the others)."""
+    if algorithm in PRUNING_STEPS:
+        return "iterations"
+    return next((f"{part}_iterations" for part in BLEND_PARTS.get(algorithm, ())
+                 if part in PRUNING_STEPS), "")
 
 
 def final_fit_stop(deadline: float, stopped: list[int]) -> IterationCallback:
@@ -231,6 +250,19 @@ def final_fit_stop(deadline: float, stopped: list[int]) -> IterationCallback:
             raise StopFitting
 
     return hook
+
+
+def cross_validation_refusal(folds: int, fit_seconds: float, deadline: float | None) -> str:
+    """Why cross-validation may not run before ``deadline`` ("" when it may, or with no
+    deadline): it fits ``folds`` times on (folds - 1) / folds of train, each expected to
+    take that share of the final fit's ``fit_seconds``, and no fold can be interrupted."""
+    if deadline is None:
+        return ""
+    expected, left = folds * fit_seconds * (folds - 1) / folds, deadline - time.time()
+    if expected > left:
+        return (f"skipped: {folds} folds expected to take {expected:.2f} s, past the "
+                f"allowance ({max(left, 0.0):.2f} s left)")
+    return ""
 
 
 def slack_seconds(tuning: dict[str, Any]) -> float:

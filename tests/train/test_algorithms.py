@@ -148,6 +148,15 @@ def test_ease_is_the_closed_form(ratings: sp.csr_matrix) -> None:
     np.testing.assert_allclose(model.to_arrays()["similarity"], expected, atol=1e-5)
 
 
+def test_ease_with_few_users_is_the_closed_form(ratings: sp.csr_matrix) -> None:
+    few = sp.csr_matrix(ratings[:12])  # 12 users of 30 items: P from the users' Gram
+    model = fit_algorithm("ease", few, {"l2": 3.0})
+    binary = (few > 0).astype(np.float64).toarray()
+    inverse = np.linalg.inv(binary.T @ binary + 3.0 * np.eye(30))
+    expected = np.eye(30) - inverse / np.diag(inverse)
+    np.testing.assert_allclose(model.to_arrays()["similarity"], expected, atol=1e-5)
+
+
 def test_ease_refuses_too_many_items(ratings: sp.csr_matrix) -> None:
     with pytest.raises(ValueError, match=r"30 items exceeds max_items=20 \(about"):
         fit_algorithm("ease", ratings, {"max_items": 20})

@@ -10,7 +10,14 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from services.train.training import TrainingError, train_many, trial_cap
+from services.train.training import (
+    TrainingError,
+    cross_validation_refusal,
+    fit_on_snapshot,
+    load_snapshot,
+    train_many,
+    trial_cap,
+)
 from services.train.tuning import split_matrices, tune, tune_matrices
 from shared.artifacts import csr_to_arrays, write_artifact
 from shared.splits import random_split, validation_split
@@ -223,3 +230,26 @@ def test_one_trial_fits_the_defaults_once(snapshot: dict) -> None:
     assert (fixed["tuning"]["trials_run"], fixed["tuning"]["trials_cut"]) == (0, 1)
     assert "nothing to choose between" in fixed["tuning"]["cut_reason"]
     assert fixed["validation"] == {}
+
+
+def test_cross_validation_runs_only_when_its_folds_fit_what_is_left(snapshot: dict) -> None:
+    soon = time.time() + 20.0
+    assert cross_validation_refusal(5, 1.0, None) == ""
+    assert cross_validation_refusal(5, 1.0, soon) == ""  # 5 folds of 0.8 s: 4 s
+    assert cross_validation_refusal(5, 10.0, soon).startswith(
+        "skipped: 5 folds expected to take 40.00 s")
+    assert cross_validation_refusal(3, 0.1, time.time() - 1.0).startswith("skipped")
+    (budgeted,) = train_many(snapshot, ["ease"], n_trials=2, cv_folds=3, tune_budget=600)
+    assert len(budgeted["cross_validation"]["folds"]) == 3  # ample time: it ran, after the fit
+    assert "cross_validation_cut" not in budgeted["tuning"]
+
+
+def test_a_blends_final_fit_stops_its_iterative_part_at_the_deadline(snapshot: dict) -> None:
+    # One trial: no search measures the blend, and its ALS part, estimated at nothing as
+    # an iterative fit, would not finish a million iterations in the allowance.
+    result = fit_on_snapshot(load_snapshot(snapshot), "ease_als",
+                             {"als_factors": 4, "als_iterations": 1_000_000}, tune=True,
+                             n_trials=1, allowance=1.0)
+    assert not result.get("skipped") and result["artifact_path"]
+    assert result["tuning"]["final_fit_cut"].startswith("deadline: the final fit stopped")
+    assert result["params"]["als_iterations"] < 1_000_000

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 import services.train.tuning as tuning
 from services.train.algorithms import Dimension
@@ -120,6 +121,17 @@ def test_ease_search_reuses_one_factorisation_with_the_same_scores(
                                    fitted.similar_items(3, 5)[1], rtol=1e-4)
     with pytest.raises(ValueError, match="l2 must be positive"):
         path.model(-1e9)
+    # Fewer users than items: the path factorises the users' Gram, with the same scores.
+    few = sp.csr_matrix(fit_matrix[:25])
+    users_path = EaseLambdaPath(few, params, num_threads=1)
+    assert users_path.spectrum.eigenvectors.shape[1] <= 25 < few.shape[1]
+    for l2 in (0.5, 12.0, 4000.0):
+        fitted = tuning.fit_algorithm("ease", few, {**params, "l2": l2})
+        rows = np.arange(25)
+        np.testing.assert_allclose(users_path.model(l2).score(rows, few[rows]),
+                                   fitted.score(rows, few[rows]), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(users_path.model(l2).similar_items(3, 5)[1],
+                                   fitted.similar_items(3, 5)[1], rtol=1e-4)
 
     factorised: list[int] = []
     original = tuning.EaseLambdaPath
