@@ -133,10 +133,20 @@ def _fit_itemknn(
     return ItemSimilarityModel(name, weighting, model.similarity.astype(np.float32))
 
 
+def dropout_emphasis(dropout: float) -> float:
+    """The multiple of diag(X^T X) that EDLAE's dropout rate adds to EASE's penalty."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"EASE dropout must be in [0, 1), got {dropout}")
+    return dropout / (1.0 - dropout)
+
+
 def _fit_ease(
     train_csr: sp.spmatrix, params: Params, seed: int, num_threads: int = 0
 ) -> ItemSimilarityModel:
-    """EASE (Steck 2019): B = I - P / diag(P) with P = (X^T X + l2*I)^-1, zero diagonal.
+    """EASE (Steck 2019): B = I - P / diag(P) with P = (X^T X + L)^-1, zero diagonal, where
+    L = l2*I + dropout / (1 - dropout) * diag(X^T X): with ``dropout`` above 0, the penalty of
+    Steck's denoising autoencoder with that dropout rate (EDLAE, NeurIPS 2020), which
+    penalises an item's weights in proportion to its popularity; 0 is plain EASE.
 
     Needs dense items x items matrices, so more than ``max_items`` items raises ValueError.
     """
@@ -148,19 +158,20 @@ def _fit_ease(
             "approximation, or drop rare items with filter_min_interactions or raise max_items"
         )
     weighting, matrix = _weighted(train_csr, params)
-    l2 = float(params["l2"])
+    l2, emphasis = float(params["l2"]), dropout_emphasis(float(params["dropout"]))
     with threadpool_limits(num_threads or default_num_threads(), "blas"):
         # P from the users' Gram (see ease_path; exact) where users are few: it costs an
         # users^3 factorisation and an items^2 x users product against the items^3
         # inversion, about even at ml-100k's 943 users of 1,682 items, so below half.
-        if factorises_users(matrix, share=0.5):
+        # The dropout penalty is not uniform, so it always inverts the items' Gram.
+        if not emphasis and factorises_users(matrix, share=0.5):
             spectrum = gram_spectrum(matrix)
             q = spectrum.eigenvectors
             inverse = (q * spectrum.spectrum_shift(l2)) @ q.T
             inverse[np.diag_indices(n_items)] += 1.0 / l2
         else:
             gram = (matrix.T @ matrix).toarray().astype(np.float64)
-            gram[np.diag_indices(n_items)] += l2
+            gram[np.diag_indices(n_items)] += l2 + emphasis * np.diag(gram)
             inverse = np.linalg.inv(gram)
     weights = -inverse / np.diag(inverse)  # column j scaled by -1/P_jj, i.e. I - P/diag(P)
     weights[np.diag_indices(n_items)] = 0.0
@@ -409,8 +420,10 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
     ),
     "ease": AlgorithmSpec(
         "ease", _fit_ease, n_trials=15,
-        defaults={"l2": 412.8, "max_items": 10_000},
-        search_space={"l2": Dimension("float", 10.0, 5000.0, log=True)},
+        defaults={"l2": 412.8, "dropout": 0.0, "max_items": 10_000,
+                  "dropout_max_items": 4_000},
+        search_space={"l2": Dimension("float", 10.0, 5000.0, log=True),
+                      "dropout": Dimension("float", 0.0, 0.85)},
     ),
     # max_item_weights caps each factor (and, with "icf", the Gram) at that many weights per
     # item whatever the density: memory bounded on large catalogues.

@@ -283,6 +283,13 @@ def prepare_objective(
     space = dict(spec.search_space if search_space is None else search_space)
     fixed = dict(fixed_params or {})
     spec.resolve_params({**fixed, **dict.fromkeys(grid or space)})  # raises on unknown names
+    space = {name: dim for name, dim in space.items() if name not in fixed}  # held, not drawn
+    if algorithm == "ease" and matrices and matrices[0][0].shape[1] > int(
+            spec.resolve_params(fixed)["dropout_max_items"]):
+        # A dropout penalty is not uniform over the items, so each of its trials inverts
+        # the items' Gram instead of sharing one factorisation: searched on catalogues of
+        # up to dropout_max_items only, held at its value (0 unless given) above.
+        space.pop("dropout", None)
     sampled = [sample_validation_users(holdout, validation_users, seed)
                for _fit, holdout in matrices]
     pairs = [(fit, holdout) for (fit, _), (holdout, _, _) in zip(matrices, sampled, strict=True)]
@@ -376,6 +383,8 @@ class TrialObjective:
             hook = self.iteration_hook(self.algorithm, trial, position, params)
             return fit_algorithm(self.algorithm, fit_matrix, params, self.seed,
                                  self.num_threads, on_iteration=hook)
+        if float(params["dropout"]):  # one inversion per trial (see prepare_objective)
+            return fit_algorithm("ease", fit_matrix, params, self.seed, self.num_threads)
         rest = repr(sorted((name, value) for name, value in params.items() if name != "l2"))
         if position not in self._ease_paths or self._ease_paths[position][0] != rest:
             path = EaseLambdaPath(fit_matrix, params, self.num_threads)

@@ -287,3 +287,21 @@ def test_blend_is_the_weighted_sum_of_its_standardised_parts(ratings: sp.csr_mat
 def test_blend_refuses_a_weight_outside_zero_to_one(ratings: sp.csr_matrix) -> None:
     with pytest.raises(ValueError, match="ease_als blend_weight must lie in \\[0, 1\\], got 1.5"):
         fit_algorithm("ease_als", ratings, {**TINY_PARAMS["ease_als"], "blend_weight": 1.5})
+
+
+def test_ease_dropout_is_edlaes_popularity_weighted_penalty() -> None:
+    """dropout p adds p / (1 - p) * diag(X^T X) to l2 on the Gram's diagonal (Steck 2020);
+    0 is plain EASE."""
+    rng = np.random.default_rng(4)
+    train = sp.csr_matrix((rng.random((60, 30)) < 0.2).astype(np.float32))
+    gram = (train.T @ train).toarray().astype(np.float64)
+    p, l2 = 0.5, 3.0
+    inverse = np.linalg.inv(gram + np.diag(l2 + p / (1 - p) * np.diag(gram)))
+    expected = -inverse / np.diag(inverse)
+    np.fill_diagonal(expected, 0.0)
+    model = ALGORITHMS["ease"].fit(train, {"l2": l2, "dropout": p, "weighting": "none"})
+    users = np.arange(60)
+    np.testing.assert_allclose(model.score(users, train), train.toarray() @ expected,
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        ALGORITHMS["ease"].fit(train, {"dropout": 1.0})

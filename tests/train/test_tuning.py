@@ -137,7 +137,9 @@ def test_ease_search_reuses_one_factorisation_with_the_same_scores(
     original = tuning.EaseLambdaPath
     monkeypatch.setattr(tuning, "EaseLambdaPath",
                         lambda *args: factorised.append(1) or original(*args))
-    result = tune("ease", split.train, n_trials=6, seed=3, like=split.spec, num_threads=1)
+    # A search of l2 alone (dropout held) factorises once.
+    result = tune("ease", split.train, n_trials=6, seed=3, like=split.spec, num_threads=1,
+                  fixed_params={"dropout": 0.0})
     assert len(factorised) == 1 and len(result.trials) == 6
     validation = split_matrices(tuning.validation_split(split.train, split.spec), split.train)
     for row in result.trials.itertuples():  # every trial's value is that of a full EASE fit
@@ -165,3 +167,21 @@ def test_trials_score_a_seeded_sample_of_validation_users(interactions: pd.DataF
     part = tune("ease", split.train, n_trials=3, seed=3, like=split.spec, validation_users=25)
     assert (part.validation_users, part.validation_users_total) == (25, 60)
     assert not np.allclose(part.trials["value"], full.trials["value"])
+
+
+def test_ease_dropout_is_searched_with_each_trial_a_full_fit(interactions: pd.DataFrame
+                                                            ) -> None:
+    """EDLAE's dropout penalty joins the search on small catalogues; each trial's value is a
+    full fit's with that l2 and dropout. Above dropout_max_items it is held at 0."""
+    split = random_split(interactions, 0.75, seed=1)
+    result = tune("ease", split.train, n_trials=6, seed=3, like=split.spec, num_threads=1)
+    assert (result.trials["dropout"] > 0).any()
+    validation = split_matrices(tuning.validation_split(split.train, split.spec), split.train)
+    for row in result.trials.itertuples():
+        model = tuning.fit_algorithm("ease", validation[0], {"l2": row.l2,
+                                                             "dropout": row.dropout})
+        assert row.value == pytest.approx(
+            evaluate_model(model, *validation, (10,))["ndcg@10"], abs=1e-9)
+    capped = tune("ease", split.train, n_trials=3, seed=3, like=split.spec, num_threads=1,
+                  fixed_params={"dropout_max_items": 5})
+    assert "dropout" not in capped.trials and capped.best_params["dropout"] == 0.0
