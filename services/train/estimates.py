@@ -11,7 +11,9 @@ share (see TrialClock); before the first trial ends, it has only this estimate:
   nested samples of its other side and extended linearly in the co-occurrences it counts,
   plus one m x m eigendecomposition, m the smaller of the users and the items. That is
   timed on one BLAS thread at min(m, PROBE_SIDE) rows (exactly m up to PROBE_SIDE) and
-  scaled by the cube of m over that side.
+  scaled by the cube of m over that side. Where the search may draw a dropout penalty
+  (catalogues up to dropout_max_items), a trial factorises the items' Gram whatever the
+  users: the estimate is then the larger of the two.
 - Why so: every timing is the fastest of a few runs (``fastest_seconds``), since other
   processes' load only ever adds time. A small multi-threaded solve is what load hurts
   most (its threads wait on each other at every step): on this shared 2-core machine,
@@ -88,7 +90,8 @@ def first_trial_estimate(algorithm: str, matrix: sp.csr_matrix, params: Mapping[
                 rules.append(f"{part}: {estimate.rule}")
         rule = "; ".join(rules)
     elif algorithm == "ease":
-        seconds, rule = _ease_seconds(matrix, seed)
+        seconds, rule = _ease_seconds(matrix, seed, ALGORITHMS["ease"].resolve_params(
+            dict(params)))
     else:
         seconds = _sampled_fit_seconds(algorithm, matrix, params, seed, num_threads)
         rule = (f"defaults fitted on {PROBE_SHARE / 2:.0%} and {PROBE_SHARE:.0%} of the "
@@ -126,18 +129,32 @@ def _sample(matrix: sp.csr_matrix, seed: int, share: float, axis: int) -> sp.csr
     return sp.csr_matrix(matrix[chosen] if axis == 0 else matrix[:, chosen])
 
 
-def _ease_seconds(matrix: sp.csr_matrix, seed: int) -> tuple[float, str]:
-    """EASE's search factorisation (see the module), and the rule said."""
+def _ease_seconds(matrix: sp.csr_matrix, seed: int, params: Mapping[str, Any]
+                  ) -> tuple[float, str]:
+    """EASE's search factorisation (see the module), and the rule said. A trial with a
+    dropout penalty factorises the items' Gram whatever the users (services.train.tuning):
+    where one may run, the estimate is the larger of the two."""
     matrix = sp.csr_matrix(matrix, dtype=np.float64)
-    if factorises_users(matrix):  # X X^T, users x users, over samples of the items
+    sides = ["users'"] if factorises_users(matrix) else []
+    if not sides or float(params["dropout"]) or (
+            matrix.shape[1] <= int(params["dropout_max_items"])):
+        sides.append("items'")
+    return max(_gram_factorisation_seconds(matrix, seed, which) for which in sides)
+
+
+def _gram_factorisation_seconds(matrix: sp.csr_matrix, seed: int, which: str
+                                ) -> tuple[float, str]:
+    """The users' (X X^T, over samples of the items) or the items' Gram and its
+    eigendecomposition, and the rule said."""
+    if which == "users'":
         users = matrix[np.flatnonzero(np.diff(matrix.indptr))]
         gram = _extended_seconds(users, seed, lambda sample: (sample @ sample.T).toarray(),
                                  axis=1)
-        side, which = users.shape[0], "users'"
+        side = users.shape[0]
     else:
         gram = _extended_seconds(matrix, seed, lambda sample: (sample.T @ sample).toarray(),
                                  axis=0)
-        side, which = matrix.shape[1], "items'"
+        side = matrix.shape[1]
     probe = min(side, PROBE_SIDE)
     factor = eigh_seconds(probe, seed) * (side / probe) ** 3
     return gram + factor, (f"{which} Gram on two samples + eigendecomposition of "

@@ -29,7 +29,9 @@ def _ratings(users: int, items: int, density: float) -> sp.csr_matrix:
                          [(30, 200, "users'", 30), (200, 30, "items'", 30)])
 def test_ease_is_probed_on_the_smaller_gram_at_its_own_size(
         users: int, items: int, which: str, side: int) -> None:
-    params = ALGORITHMS["ease"].resolve_params({})
+    """Where the dropout penalty is not searched (above dropout_max_items), a trial
+    factorises the smaller Gram only."""
+    params = ALGORITHMS["ease"].resolve_params({"dropout_max_items": 10})
     estimate = first_trial_estimate("ease", _ratings(users, items, 0.2), params, seed=1,
                                     num_threads=1, measured={})
     assert estimate.rule.startswith(f"{which} Gram")
@@ -43,6 +45,21 @@ def test_a_large_eigendecomposition_is_scaled_from_the_probe_by_the_cube(
     monkeypatch.setattr(estimates, "eigh_seconds",
                         lambda side, seed: probed.append(side) or 1.0)
     side = 2 * PROBE_SIDE
-    seconds, rule = estimates._ease_seconds(_ratings(side, side + 10, 0.02), seed=1)
+    seconds, rule = estimates._ease_seconds(
+        _ratings(side, side + 10, 0.02), seed=1,
+        params=ALGORITHMS["ease"].resolve_params({"dropout_max_items": 10}))
     assert probed == [PROBE_SIDE] and f"timed at {PROBE_SIDE}" in rule
     assert seconds >= 8.0  # (2 * PROBE_SIDE / PROBE_SIDE) ** 3 probe seconds, Gram besides
+
+
+def test_where_a_dropout_trial_may_run_the_items_gram_is_estimated_too(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial with a dropout penalty inverts the items' Gram even with few users: where
+    the search may draw one, the estimate is the larger of the two factorisations."""
+    probed: list[int] = []
+    monkeypatch.setattr(estimates, "eigh_seconds",
+                        lambda side, seed: probed.append(side) or side / 10.0)
+    matrix = _ratings(30, 200, 0.2)
+    seconds, rule = estimates._ease_seconds(matrix, seed=1,
+                                            params=ALGORITHMS["ease"].resolve_params({}))
+    assert sorted(probed) == [30, 200] and rule.startswith("items' Gram") and seconds >= 20.0
