@@ -117,7 +117,7 @@ class Stack:
         with self.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
             self.config.pluginmanager.getplugin("terminalreporter").write_line(json.dumps(line))
 
-    def up_until_champion(self) -> dict[str, Any]:
+    def up_until_champion(self, figure: str = "up_to_champion") -> dict[str, Any]:
         started = time.monotonic()
         self.compose("up", "-d", timeout=900)
 
@@ -134,7 +134,7 @@ class Stack:
         served = wait_for(served_or_failed, timeout=BOOTSTRAP_TIMEOUT, interval=5,
                           what="serve to answer with a champion (bootstrap: `docker compose "
                           f"-p {PROJECT} logs bootstrap`)")
-        self.note("up_to_champion", time.monotonic() - started)
+        self.note(figure, time.monotonic() - started)
         return served
 
 
@@ -290,7 +290,7 @@ def test_down_then_up_keeps_the_champion_and_the_rows(stack: Stack) -> None:
     assert champion is not None
     stack.compose("down", timeout=600)
     assert not stack.compose("ps", "--all", "-q").stdout.strip()
-    served = stack.up_until_champion()
+    served = stack.up_until_champion("second_up_to_champion")
     assert served["model_version"] == champion["model_version"]
     assert served["variant"] == "champion"
     # Same rows, so bootstrap found the champion and trained nothing on the second `up`.
