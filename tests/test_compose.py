@@ -52,14 +52,33 @@ def raw_compose() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-def test_app_services_run_the_project_image(services: dict, apps: dict) -> None:
+# The app services that run the Dockerfile's `serve` target (no training libraries).
+SERVE_IMAGE_SERVICES = {"serve", "flower", "beat", "policy", "migrate"}
+
+
+def test_app_services_run_the_project_images(services: dict, apps: dict) -> None:
     assert INFRA <= set(services)
     assert {"migrate", "ingest"} <= set(apps)
     assert not INFRA & set(apps)
-    images = {spec["image"] for spec in apps.values()}
-    assert len(images) == 1, f"app services should share one image, got {images}"
     for name, spec in apps.items():
         assert spec["build"]["dockerfile"] == "Dockerfile", name
+    targets = {name: spec["build"].get("target") for name, spec in apps.items()}
+    assert {name for name, target in targets.items() if target} == SERVE_IMAGE_SERVICES
+    assert set(targets.values()) == {None, "serve"}
+    # One tag per target: the full image (the Dockerfile's last stage) and the serve one.
+    images = {target: {apps[name]["image"] for name in apps if targets[name] == target}
+              for target in (None, "serve")}
+    assert all(len(tags) == 1 for tags in images.values()), images
+    assert images[None] != images["serve"]
+
+
+def test_every_long_running_service_has_a_healthcheck(services: dict) -> None:
+    """`docker compose ps` shows the health of every service that keeps running."""
+    running = [name for name, spec in services.items() if not is_one_shot(spec)]
+    assert {"serve", "flower", "beat", "policy", "prometheus", "dashboard"} <= set(running)
+    for name in running:
+        test = (services[name].get("healthcheck") or {}).get("test")
+        assert test and test[0] in {"CMD", "CMD-SHELL"}, f"{name} has no healthcheck"
 
 
 def app_service_names() -> list[str]:
@@ -174,10 +193,13 @@ def test_paths_are_volumes(name: str, apps: dict) -> None:
 def test_dockerfile_builds_the_recsys_image() -> None:
     text = DOCKERFILE.read_text()
     lines = [line.strip() for line in text.splitlines()]
-    assert "FROM python:3.11-slim" in lines  # the runtime stage: the last FROM
+    # The full image is the last stage (what a plain `docker build` makes), on the
+    # runtime stage that the serve target shares.
+    assert "FROM python:3.11-slim AS runtime" in lines
     stages = [line for line in lines if line.startswith("FROM ")]
-    assert len(stages) >= 2 and stages[-1] == "FROM python:3.11-slim", stages
-    runtime = text.split(stages[-1])[-1]
+    assert len(stages) >= 2 and stages[-1] == "FROM runtime", stages
+    assert "FROM runtime AS serve" in stages
+    runtime = text.split("\nFROM runtime\n")[-1]
     # The compiler and headers stay in the build stage; the runtime has the shared libraries.
     assert "libcholmod3" in runtime and "libgomp1" in runtime
     assert "gcc" not in runtime and "-dev" not in runtime

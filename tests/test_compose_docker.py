@@ -31,7 +31,11 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(3600)]
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 COMPOSE_FILES = [PROJECT_DIR / "docker-compose.yml",
                  PROJECT_DIR / "deploy" / "compose.datasets.yml"]
-PROJECT = "recsys-compose-test"
+# The project name, and the tags of the two images it builds: its own, so that two
+# checkouts testing on one engine neither share containers nor retag each other's images.
+PROJECT = os.environ.get("RECSYS_COMPOSE_TEST_PROJECT", "recsys-compose-test")
+IMAGES = {"RECSYS_IMAGE": f"{PROJECT}:full", "RECSYS_SERVE_IMAGE": f"{PROJECT}:serve"}
+ONE_SHOTS = ("migrate", "bootstrap")
 WORKERS = ("ingest", "transform", "train", "registry", "eval")
 API_KEY = "compose-test-key"
 FLOWER = ("admin", "compose-test-flower")
@@ -113,7 +117,7 @@ class Stack:
         with self.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
             self.config.pluginmanager.getplugin("terminalreporter").write_line(json.dumps(line))
 
-    def up_until_champion(self) -> dict[str, Any]:
+    def up_until_champion(self, figure: str = "up_to_champion") -> dict[str, Any]:
         started = time.monotonic()
         self.compose("up", "-d", timeout=900)
 
@@ -130,7 +134,7 @@ class Stack:
         served = wait_for(served_or_failed, timeout=BOOTSTRAP_TIMEOUT, interval=5,
                           what="serve to answer with a champion (bootstrap: `docker compose "
                           f"-p {PROJECT} logs bootstrap`)")
-        self.note("up_to_champion", time.monotonic() - started)
+        self.note(figure, time.monotonic() - started)
         return served
 
 
@@ -149,10 +153,11 @@ def stack(ml100k: Path, pytestconfig: pytest.Config) -> Iterator[Stack]:
            "PROMETHEUS_PORT": str(ports["prometheus"]),
            "RABBITMQ_MANAGEMENT_PORT": str(ports["rabbitmq"]),
            "DATASETS_DIR": str(ml100k.parent), "DATA_SOURCE": f"/datasets/{ml100k.name}",
-           "API_KEY": API_KEY, "FLOWER_USER": FLOWER[0], "FLOWER_PASSWORD": FLOWER[1]}
+           "API_KEY": API_KEY, "FLOWER_USER": FLOWER[0], "FLOWER_PASSWORD": FLOWER[1],
+           **IMAGES}
     # Compose gives shell variables precedence over the checkout's .env; drop the other
     # names .env.example lists, so a developer's .env cannot reach this project's ports.
-    for name in ("POSTGRES_PORT", "RABBITMQ_PORT", "REDIS_PORT", "RECSYS_IMAGE"):
+    for name in ("POSTGRES_PORT", "RABBITMQ_PORT", "REDIS_PORT"):
         env.pop(name, None)
     ports["dashboard"] = free_port()  # published on loopback like the other UIs
     env["DASHBOARD_PORT"] = str(ports["dashboard"])
@@ -162,6 +167,10 @@ def stack(ml100k: Path, pytestconfig: pytest.Config) -> Iterator[Stack]:
         started = time.monotonic()
         stack.compose("build", timeout=3000)
         stack.note("build", time.monotonic() - started)
+        for tag in IMAGES.values():  # the size `docker image ls` shows (decimal MB)
+            size = subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", tag],
+                                  capture_output=True, text=True, check=True).stdout
+            stack.say({"compose_test": "image", "tag": tag, "mb": round(int(size) / 1e6)})
         yield stack
     finally:
         stack.compose("down", "-v", "--remove-orphans", timeout=300, check=False)
@@ -175,15 +184,24 @@ def test_first_up_serves_a_champion_and_every_service_is_healthy(stack: Stack) -
 
     def all_healthy() -> bool:
         states = {s["Service"]: s for s in stack.services()}
-        checked = [*WORKERS, "postgres", "rabbitmq", "redis", "serve"]
-        return all(states[name]["Health"] == "healthy" for name in checked) and all(
+        return all(s["Health"] == "healthy" for name, s in states.items()
+                   if name not in ONE_SHOTS) and all(
             states[name]["State"] == "exited" and states[name]["ExitCode"] == 0
-            for name in ("migrate", "bootstrap"))
+            for name in ONE_SHOTS)
 
     wait_for(all_healthy, timeout=180, interval=5,
-             what="every worker, server and serve healthy, migrate and bootstrap exited 0")
+             what="every long-running service healthy, migrate and bootstrap exited 0")
     assert {s["Service"] for s in stack.services() if s["State"] == "running"} >= {
-        *WORKERS, "serve", "flower", "prometheus", "beat", "policy"}
+        *WORKERS, "serve", "flower", "prometheus", "beat", "policy", "dashboard"}
+    # Serve and its fellows run the serve image, which has no training libraries.
+    for service, image in (("serve", "RECSYS_SERVE_IMAGE"), ("train", "RECSYS_IMAGE")):
+        (container,) = stack.compose("ps", "-q", service).stdout.split()
+        used = subprocess.run(["docker", "inspect", "-f", "{{.Config.Image}}", container],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        assert used == IMAGES[image], (service, used)
+    missing = stack.compose("exec", "-T", "serve", "python", "-c", "import sansa",
+                            check=False)
+    assert missing.returncode != 0 and "No module named" in missing.stderr, missing.stderr
 
 
 def test_feedback_with_the_api_key_is_stored_in_the_compose_postgres(stack: Stack) -> None:
@@ -280,7 +298,7 @@ def test_down_then_up_keeps_the_champion_and_the_rows(stack: Stack) -> None:
     assert champion is not None
     stack.compose("down", timeout=600)
     assert not stack.compose("ps", "--all", "-q").stdout.strip()
-    served = stack.up_until_champion()
+    served = stack.up_until_champion("second_up_to_champion")
     assert served["model_version"] == champion["model_version"]
     assert served["variant"] == "champion"
     # Same rows, so bootstrap found the champion and trained nothing on the second `up`.
