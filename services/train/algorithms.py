@@ -140,6 +140,13 @@ def dropout_emphasis(dropout: float) -> float:
     return dropout / (1.0 - dropout)
 
 
+def dropout_searched(n_items: int, params: Params) -> bool:
+    """Whether EASE's search draws a dropout penalty on a catalogue of ``n_items``: a
+    dropout trial inverts the items' Gram instead of sharing one factorisation, so only up
+    to ``dropout_max_items``."""
+    return n_items <= int(params["dropout_max_items"])
+
+
 def _fit_ease(
     train_csr: sp.spmatrix, params: Params, seed: int, num_threads: int = 0
 ) -> ItemSimilarityModel:
@@ -305,6 +312,9 @@ def blend_of(blend: str, parts: list[Recommender], params: Params) -> BlendModel
     return BlendModel(blend, parts, [others] * (len(parts) - 1) + [last])
 
 
+ITERATIVE = ("als", "bpr")  # the fits that take an IterationCallback (and stop at a deadline)
+
+
 def _fit_blend(
     name: str, train_csr: sp.spmatrix, params: Params, seed: int, num_threads: int = 0,
     on_iteration: IterationCallback | None = None,
@@ -316,9 +326,6 @@ def _fit_blend(
                                   on_iteration if part in ITERATIVE else None)
              for part, own in blend_part_params(name, params)]
     return blend_of(name, parts, params)
-
-
-ITERATIVE = ("als", "bpr")  # the fits that take an IterationCallback
 
 
 def _prefixed(part: str, keys: Mapping[str, Any]) -> dict[str, Any]:

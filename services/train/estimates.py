@@ -51,9 +51,15 @@ import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from services.train.algorithms import ALGORITHMS, BLEND_PARTS, blend_part_params, fit_algorithm
+from services.train.algorithms import (
+    ALGORITHMS,
+    BLEND_PARTS,
+    ITERATIVE,
+    blend_part_params,
+    dropout_searched,
+    fit_algorithm,
+)
 from services.train.ease_path import factorises_users
-from services.train.tuning import PRUNING_STEPS
 
 PROBE_SIDE = 768
 PROBE_REPEATS = 3  # an eigendecomposition's timings
@@ -76,7 +82,7 @@ def first_trial_estimate(algorithm: str, matrix: sp.csr_matrix, params: Mapping[
     """The expected first trial of ``algorithm`` on the fit ``matrix`` (see the module);
     ``measured`` holds the final fit seconds of the algorithms fitted before it."""
     started = time.perf_counter()
-    if algorithm in PRUNING_STEPS:
+    if algorithm in ITERATIVE:
         seconds, rule = 0.0, "iterative: cut at the deadline"
     elif algorithm in BLEND_PARTS:
         seconds, rules = 0.0, []
@@ -136,8 +142,7 @@ def _ease_seconds(matrix: sp.csr_matrix, seed: int, params: Mapping[str, Any]
     where one may run, the estimate is the larger of the two."""
     matrix = sp.csr_matrix(matrix, dtype=np.float64)
     sides = ["users'"] if factorises_users(matrix) else []
-    if not sides or float(params["dropout"]) or (
-            matrix.shape[1] <= int(params["dropout_max_items"])):
+    if not sides or float(params["dropout"]) or dropout_searched(matrix.shape[1], params):
         sides.append("items'")
     return max(_gram_factorisation_seconds(matrix, seed, which) for which in sides)
 

@@ -20,6 +20,7 @@ import scipy.sparse as sp
 from services.train.algorithms import (
     ALGORITHMS,
     BLEND_PARTS,
+    ITERATIVE,
     IterationCallback,
     StopFitting,
     fit_algorithm,
@@ -27,7 +28,6 @@ from services.train.algorithms import (
 from services.train.estimates import Estimate, first_trial_estimate
 from services.train.studies import shares_studies, study_lock, study_storage
 from services.train.tuning import (
-    PRUNING_STEPS,
     SharedStudy,
     TrialClock,
     cross_validate,
@@ -140,7 +140,7 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
         chosen = result.best_params
         validation = {} if result.best_score is None else {result.metric: result.best_score}
         expected = result.longest_trial_seconds or first_trial_seconds
-        non_iterative = 0.0 if algorithm in PRUNING_STEPS else result.longest_trial_seconds
+        non_iterative = 0.0 if algorithm in ITERATIVE else result.longest_trial_seconds
         tuning = {"trials_cap": trials, "trials_run": result.trials_run,
                   "trials_cut": result.trials_cut, "trials_pruned": result.trials_pruned,
                   "cut_reason": result.cut_reason or None,
@@ -172,7 +172,7 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
                       probe_seconds=round(estimate.probe_seconds, 3))
         skip = skip_reason(fit_scale * (tuning.get("longest_trial_seconds") or
                                         estimate.seconds), deadline - time.time(),
-                           iterative=algorithm in PRUNING_STEPS)
+                           iterative=algorithm in ITERATIVE)
         if skip:
             before = tuning.get("cut_reason")
             tuning.update(skipped=True, trials_cut=max(tuning["trials_cut"], 1),
@@ -193,7 +193,7 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
     model = fit_algorithm(algorithm, data.matrix("train"), chosen, settings.seed, threads(),
                           on_iteration=hook)
     fit_seconds = time.perf_counter() - fitting
-    if stopped and iterations:
+    if stopped:  # only an iterative fit has the hook that fills it
         tuning = tuning or {}
         tuning["final_fit_cut"] = (f"deadline: the final fit stopped after iteration "
                                    f"{stopped[0]} of {chosen[iterations]}")
@@ -227,10 +227,10 @@ def fit_on_snapshot(data: SnapshotData, algorithm: str, params: dict[str, Any] |
 def iterations_key(algorithm: str) -> str:
     """The parameter counting the iterations a final fit can stop after: ALS's and BPR's
     ``iterations``, a blend's iterative part's under its prefix ("" for the others)."""
-    if algorithm in PRUNING_STEPS:
+    if algorithm in ITERATIVE:
         return "iterations"
     return next((f"{part}_iterations" for part in BLEND_PARTS.get(algorithm, ())
-                 if part in PRUNING_STEPS), "")
+                 if part in ITERATIVE), "")
 
 
 def final_fit_stop(deadline: float, stopped: list[int]) -> IterationCallback:

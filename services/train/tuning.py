@@ -28,6 +28,7 @@ from services.train.algorithms import (
     IterationCallback,
     blend_of,
     blend_part_params,
+    dropout_searched,
     fit_algorithm,
 )
 from services.train.ease_path import EaseLambdaPath
@@ -284,12 +285,9 @@ def prepare_objective(
     fixed = dict(fixed_params or {})
     spec.resolve_params({**fixed, **dict.fromkeys(grid or space)})  # raises on unknown names
     space = {name: dim for name, dim in space.items() if name not in fixed}  # held, not drawn
-    if algorithm == "ease" and matrices and matrices[0][0].shape[1] > int(
-            spec.resolve_params(fixed)["dropout_max_items"]):
-        # A dropout penalty is not uniform over the items, so each of its trials inverts
-        # the items' Gram instead of sharing one factorisation: searched on catalogues of
-        # up to dropout_max_items only, held at its value (0 unless given) above.
-        space.pop("dropout", None)
+    if algorithm == "ease" and matrices and not dropout_searched(
+            matrices[0][0].shape[1], spec.resolve_params(fixed)):
+        space.pop("dropout", None)  # held at its value (0 unless given)
     sampled = [sample_validation_users(holdout, validation_users, seed)
                for _fit, holdout in matrices]
     pairs = [(fit, holdout) for (fit, _), (holdout, _, _) in zip(matrices, sampled, strict=True)]
