@@ -221,35 +221,34 @@ def environment_of(spec: Mapping[str, Any], caller: Mapping[str, str]) -> dict[s
 
 # --- making compose values local ---------------------------------------------------
 
-def published_ports(spec: Mapping[str, Any]) -> dict[int, int]:
-    """{container port: host port} from a service's `ports:` (short or long syntax)."""
-    ports: dict[int, int] = {}
+def port_entries(spec: Mapping[str, Any]) -> list[tuple[str, str, str | None]]:
+    """(container port, host port, host address or None) of each entry of a service's
+    `ports:` (short or long syntax), protocols dropped."""
+    entries = []
     for entry in spec.get("ports") or []:
         if isinstance(entry, dict):
-            target, published = entry.get("target"), entry.get("published", entry.get("target"))
+            target = entry.get("target", "")
+            published, address = entry.get("published", target), entry.get("host_ip")
         else:
             parts = str(entry).split(":")
             target = parts[-1]
             published = parts[-2] if len(parts) > 1 else target
-        target, published = str(target).split("/")[0], str(published).split("/")[0]
-        if target.isdigit() and published.isdigit():
-            ports[int(target)] = int(published)
-    return ports
+            address = parts[-3] if len(parts) > 2 else None
+        entries.append((str(target).split("/")[0], str(published).split("/")[0],
+                        None if address is None else str(address)))
+    return entries
+
+
+def published_ports(spec: Mapping[str, Any]) -> dict[int, int]:
+    """{container port: host port} from a service's `ports:`."""
+    return {int(target): int(published) for target, published, _ in port_entries(spec)
+            if target.isdigit() and published.isdigit()}
 
 
 def published_addresses(spec: Mapping[str, Any]) -> dict[int, str]:
     """{container port: host address} of the `ports:` entries that name one (127.0.0.1)."""
-    addresses: dict[int, str] = {}
-    for entry in spec.get("ports") or []:
-        if isinstance(entry, dict):
-            target, address = str(entry.get("target", "")), entry.get("host_ip")
-        else:
-            parts = str(entry).split(":")
-            target, address = parts[-1], parts[-3] if len(parts) > 2 else None
-        target = target.split("/")[0]
-        if target.isdigit() and address:
-            addresses[int(target)] = str(address)
-    return addresses
+    return {int(target): address for target, _, address in port_entries(spec)
+            if target.isdigit() and address}
 
 
 def local_command(spec: Mapping[str, Any]) -> list[str]:
