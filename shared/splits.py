@@ -69,6 +69,36 @@ def _make_split(df: pd.DataFrame, test_mask: np.ndarray, policy: str, **params: 
 STRATIFY: tuple[str, ...] = ("user", "item")
 
 
+def _ranks_in_groups(groups: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rank (1-based) of each row within its group when rows are taken in ``order`` (which
+    must sort ``groups``), and the size of that group."""
+    sorted_groups = groups[order]
+    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+    sizes = np.diff(np.r_[starts, len(order)])
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - np.repeat(starts, sizes) + 1
+    counts = np.empty(len(order), dtype=np.int64)
+    counts[order] = np.repeat(sizes, sizes)
+    return rank, counts
+
+
+def _group_then_draw_order(groups: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """``np.lexsort((draws, groups))``: rows by group, then draw, then position.
+
+    Where group ids are small integers, one sort of ``group + draw`` (a float in
+    [group, group + 1)) usually gives that order in a fraction of lexsort's time: rounding
+    is monotone, so it can only tie two draws of a group, never swap them. The result is
+    checked pair by pair against the exact order and lexsort runs only when it fails.
+    """
+    if len(groups) < 2 or groups.dtype.kind not in "iu" or np.abs(groups).max() >= (1 << 40):
+        return np.lexsort((draws, groups))
+    order = np.argsort(groups.astype(np.float64) + draws)
+    g, d = groups[order], draws[order]
+    ahead = (g[1:] > g[:-1]) | ((g[1:] == g[:-1]) & (
+        (d[1:] > d[:-1]) | ((d[1:] == d[:-1]) & (order[1:] > order[:-1]))))
+    return order if ahead.all() else np.lexsort((draws, groups))
+
+
 def _shuffled_positions(df: pd.DataFrame, seed: int, by: str = USER
                         ) -> tuple[np.ndarray, np.ndarray]:
     """Rank (1-based) of each row within its group of ``by`` after a seeded shuffle, and the
@@ -79,14 +109,7 @@ def _shuffled_positions(df: pd.DataFrame, seed: int, by: str = USER
     """
     draws = np.random.RandomState(seed).rand(len(df))
     groups = df[by].to_numpy()
-    order = np.lexsort((draws, groups))
-    sorted_groups = groups[order]
-    starts = np.r_[True, sorted_groups[1:] != sorted_groups[:-1]]
-    group_start = np.maximum.accumulate(np.where(starts, np.arange(len(df)), 0))
-    rank = np.empty(len(df), dtype=np.int64)
-    rank[order] = np.arange(len(df)) - group_start + 1
-    counts = df.groupby(by)[by].transform("size").to_numpy()
-    return rank, counts
+    return _ranks_in_groups(groups, _group_then_draw_order(groups, draws))
 
 
 def train_counts(counts: np.ndarray, ratio: float) -> np.ndarray:
@@ -167,12 +190,7 @@ def leave_last_n(df: pd.DataFrame, n: int = 1) -> Split:
     order = np.lexsort(
         (np.arange(len(df)), df[ITEM].to_numpy(), df[TIME].to_numpy(), df[USER].to_numpy())
     )
-    counts = df.groupby(USER)[USER].transform("size").to_numpy()
-    sorted_users = df[USER].to_numpy()[order]
-    starts = np.r_[True, sorted_users[1:] != sorted_users[:-1]] if len(df) else np.zeros(0, bool)
-    group_start = np.maximum.accumulate(np.where(starts, np.arange(len(df)), 0))
-    rank = np.empty(len(df), dtype=np.int64)
-    rank[order] = np.arange(len(df)) - group_start + 1
+    rank, counts = _ranks_in_groups(df[USER].to_numpy(), order)
     test_mask = (rank > counts - n) & (counts > n)
     return _make_split(df, test_mask, "leave_last_n", n=n)
 

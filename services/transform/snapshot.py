@@ -85,13 +85,23 @@ def _split(frame: pd.DataFrame, params: SnapshotParams) -> Split:
 def canonical_order(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per (user, movie), the latest, sorted by user, time and movie: the seeded
     split must not depend on the order the database (or a file) gives the rows in."""
-    # A user may have rated a movie and clicked it later: the latest interaction stands.
-    frame = frame.sort_values("rated_at", kind="stable")
-    # One int64 key per pair hashes faster than the two columns (the same rows are kept).
-    pair = (frame["user_id"].to_numpy(np.int64) << 32) | frame["movie_id"].to_numpy(np.int64)
-    frame = frame[~pd.Series(pair).duplicated(keep="last").to_numpy()]
-    order = np.lexsort((frame["movie_id"].to_numpy(), frame["rated_at"].to_numpy(),
-                        frame["user_id"].to_numpy()))
+    users = frame["user_id"].to_numpy(np.int64)
+    movies = frame["movie_id"].to_numpy(np.int64)
+    times = frame["rated_at"].to_numpy(np.int64)
+    # One stable sort by (user, time, movie). Where both ranges fit, user and time share
+    # one int64 key, a sort pass fewer over the same order.
+    user_span = int(users.max()) - int(users.min()) if len(users) else 0
+    time_span = int(times.max()) - int(times.min()) if len(times) else 0
+    if user_span < (1 << 31) and time_span < (1 << 32):
+        user_time = ((users - users.min()) << 32) | (times - times.min())
+        order = np.lexsort((movies, user_time))
+    else:
+        order = np.lexsort((movies, times, users))
+    # A user may have rated a movie and clicked it later: the latest interaction stands (of
+    # two at the same second, the later row). In this order a pair's latest row is its
+    # last. One int64 key per pair hashes faster than the two columns.
+    pair = (users[order] << 32) | movies[order]
+    order = order[~pd.Series(pair).duplicated(keep="last").to_numpy()]
     return frame.iloc[order].reset_index(drop=True)
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from shared.splits import (
     Split,
+    _group_then_draw_order,
     kfold_splits,
     leave_last_n,
     random_split,
@@ -192,3 +193,23 @@ def test_validation_mirrors_the_main_parameters(interactions: pd.DataFrame) -> N
 def test_missing_columns_are_named() -> None:
     with pytest.raises(ValueError, match="rated_at"):
         temporal_split(pd.DataFrame({"user_id": [1], "movie_id": [2]}), "1998-01-01")
+
+
+@pytest.mark.parametrize("groups, draws", [
+    # Draws a float key cannot tell apart (one ulp at 2**20), in both position orders.
+    (np.array([2**20, 2**20, 2**20, 7]), np.array([0.5 + 2**-40, 0.5, 0.5 + 2**-41, 0.25])),
+    (np.array([3, 3, 1, 1]), np.array([0.125, 0.125, 0.5, 0.5])),  # equal draws: by position
+    (np.array([2**41, 5, 2**41]), np.array([0.75, 0.5, 0.25])),  # ids too large for the key
+    (np.array([-4, 9, -4, 0]), np.array([0.9, 0.1, 0.3, 1 - 2**-53])),
+])
+def test_group_then_draw_order_is_lexsorts_order(groups: np.ndarray, draws: np.ndarray) -> None:
+    np.testing.assert_array_equal(_group_then_draw_order(groups, draws),
+                                  np.lexsort((draws, groups)))
+
+
+def test_group_then_draw_order_matches_lexsort_on_many_rows() -> None:
+    rng = np.random.default_rng(7)
+    groups = rng.integers(0, 50_000, 200_000)
+    draws = np.random.RandomState(42).rand(len(groups))
+    np.testing.assert_array_equal(_group_then_draw_order(groups, draws),
+                                  np.lexsort((draws, groups)))
