@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -196,7 +197,10 @@ def write_artifact(kind: str, arrays: dict[str, np.ndarray], manifest: dict[str,
 
 
 def read_manifest(path: str, root: str | Path | None = None) -> dict[str, Any]:
-    text = open_store(root).manifest_text(path)
+    return parse_manifest(path, open_store(root).manifest_text(path))
+
+
+def parse_manifest(path: str, text: str) -> dict[str, Any]:
     try:
         return json.loads(text)
     except ValueError as error:
@@ -207,8 +211,10 @@ def read_artifact(path: str, sha256: str, root: str | Path | None = None
                   ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Arrays and manifest of an artifact, refused unless its sha256 is the expected one."""
     store = open_store(root)
-    data = store.arrays_data(path, sha256)
-    manifest = read_manifest(path, root)
+    with ThreadPoolExecutor(1) as beside:  # the manifest's round trip during the arrays'
+        manifest_text = beside.submit(store.manifest_text, path)
+        data = store.arrays_data(path, sha256)
+        manifest = parse_manifest(path, manifest_text.result())
     if manifest.get("sha256") != sha256:
         raise ArtifactError(f"artifact {path}: manifest names sha256 {manifest.get('sha256')}, "
                             f"expected {sha256}")

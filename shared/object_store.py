@@ -203,14 +203,14 @@ class S3Store:
                 with suppress(OSError):  # blocks reserved at once: a faster write, if offered
                     os.posix_fallocate(handle.fileno(), 0, size)
                 steps, received = [], 0
-                while received < size:
-                    read = body.readinto(view[received:received + CHUNK])
-                    if not read:
-                        break
-                    chunk = view[received:received + read]
+                while received < size and (piece := body.read(min(CHUNK, size - received))):
+                    # read() and a copy cost less than urllib3's readinto, itself a read()
+                    # into a buffer of its own before the copy.
+                    chunk = view[received:received + len(piece)]
+                    chunk[:] = piece
                     steps += [hashing.submit(digest.update, chunk),
                               writing.submit(write_all, handle, chunk)]
-                    received += read
+                    received += len(piece)
                 for step in steps:
                     step.result()  # a failed write raises here
             if received < size:
