@@ -103,14 +103,6 @@ def read_whole(path: Path) -> bytearray:
     return data[:done] if done < len(data) else data
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def checksum_mismatch(path: str, expected: str, actual: str) -> ArtifactError:
     return ArtifactError(
         f"artifact {path}: checksum mismatch (expected sha256 {expected}, file has {actual}); "
@@ -179,8 +171,7 @@ def write_artifact(kind: str, arrays: dict[str, np.ndarray], manifest: dict[str,
     os.close(handle)
     temp = Path(temp_name)
     try:
-        write_npz(temp, arrays)
-        sha256 = file_sha256(temp)
+        sha256 = write_npz(temp, arrays)
         path = f"{kind}/{sha256[:2]}/{sha256}"
         if not store.exists(path):
             described = {

@@ -10,10 +10,13 @@ view (compressed, misaligned, an unknown .npy version) is read by numpy with a c
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -39,18 +42,56 @@ def npy_header(array: np.ndarray) -> bytes:
     return header.getvalue()
 
 
-def write_npz(target: Path, arrays: dict[str, np.ndarray]) -> None:
-    """`np.savez(target, **arrays)` with every member's data aligned to 64 bytes."""
-    with target.open("wb") as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as archive:
+def write_npz(target: Path, arrays: dict[str, np.ndarray]) -> str:
+    """`np.savez(target, **arrays)` with every member's data aligned to 64 bytes; the
+    file's sha256, hashed in a thread of its own as the bytes are written (zip members
+    written in one pass, sizes in data descriptors, so no byte is rewritten after)."""
+    with target.open("wb") as handle, HashingWriter(handle) as sink, \
+            zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED) as archive:
         for name, value in arrays.items():
             array = np.asanyarray(value)
             header = npy_header(array)
             member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            start = (handle.tell() + LOCAL_HEADER.size + len(member.filename.encode())
+            start = (sink.tell() + LOCAL_HEADER.size + len(member.filename.encode())
                      + 4 + ZIP64_EXTRA + len(header))
             member.extra = struct.pack("<HH", PADDING_ID, -start % ALIGN) + bytes(-start % ALIGN)
             with archive.open(member, "w", force_zip64=True) as stream:
                 np.lib.format.write_array(stream, array, allow_pickle=False)
+    return sink.sha256()
+
+
+class HashingWriter(io.RawIOBase):
+    """A write-once file that hashes what goes through it, beside the writing; it cannot
+    seek, so a zip written to it is written in one pass."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle, self.position = handle, 0
+        self.digest = hashlib.sha256()
+        self.hashing = ThreadPoolExecutor(1)
+        self.steps: list[Future[None]] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        piece = bytes(data)  # its own copy: the caller may reuse its buffer
+        self.steps.append(self.hashing.submit(self.digest.update, piece))
+        self.handle.write(piece)
+        self.position += len(piece)
+        return len(piece)
+
+    def tell(self) -> int:
+        return self.position
+
+    def sha256(self) -> str:
+        self.hashing.shutdown()
+        for step in self.steps:
+            step.result()
+        return self.digest.hexdigest()
+
+    def close(self) -> None:
+        self.hashing.shutdown()
+        super().close()
 
 
 def npz_arrays(data: bytearray | bytes) -> dict[str, np.ndarray]:
