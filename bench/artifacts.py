@@ -4,7 +4,8 @@ Starts a SeaweedFS S3 gateway of its own on loopback (tests/servers.py) and stor
 model of MovieLens-25M's shape (162,541 x 64 and 59,047 x 64 float32 factors; `--users`
 and `--items` shrink it) through the artifact store (`MODEL_PATH=s3://...`: npz, sha256,
 multipart upload, manifest, this host's cache), then loads it on a host with an empty
-cache (download, sha256, np.load). The baseline, in the same run against the same
+cache (download with sha256 and the cache file's write beside it, arrays viewing the
+verified bytes). The baseline, in the same run against the same
 server: bare boto3 put and get of the same npz bytes from memory, the faster of
 `put_object`/`upload_fileobj` and of `get_object`/`download_fileobj` (no hashing, no
 file, no parsing). Also the same store and load in a local directory, and a load from

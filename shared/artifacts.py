@@ -6,7 +6,8 @@ shares) or `s3://bucket/prefix`, an S3-compatible object store every host reache
 at `<kind>/<sha[:2]>/<sha>/` and the registry records that path and the sha256.
 
 No pickle anywhere: arrays are read with `allow_pickle=False`, and every read checks
-the file's sha256 against the one the caller expects before loading a byte of it.
+the file's sha256 against the one the caller expects before loading a byte of it. The
+arrays a read returns are views of the verified bytes (shared/npz.py), not copies.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from shared.errors import RecsysError
+from shared.npz import NpzError, npz_arrays, write_npz
 from shared.settings import get_settings
 
 ARRAYS, MANIFEST = "arrays.npz", "manifest.json"
@@ -55,8 +58,8 @@ class ArtifactStore(Protocol):
     def publish(self, path: str, arrays_file: Path, manifest_text: str) -> None:
         """Store the arrays (moved from `arrays_file`), then the manifest, at `path`."""
 
-    def arrays_file(self, path: str, sha256: str) -> Path:
-        """A local file holding the artifact's arrays, its sha256 verified."""
+    def arrays_data(self, path: str, sha256: str) -> bytearray:
+        """The artifact's arrays file in memory, its sha256 verified."""
 
     def manifest_text(self, path: str) -> str:
         """The artifact's manifest as stored."""
@@ -90,12 +93,14 @@ def store_root(root: str | Path | None = None) -> Path:
     return Path(location)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def read_whole(path: Path) -> bytearray:
+    """A file's bytes in a buffer of their own (writable: arrays viewing it are too)."""
+    with path.open("rb", buffering=0) as handle:
+        data = bytearray(os.fstat(handle.fileno()).st_size)
+        view, done = memoryview(data), 0
+        while done < len(data) and (read := handle.readinto(view[done:])):
+            done += read
+    return data[:done] if done < len(data) else data
 
 
 def checksum_mismatch(path: str, expected: str, actual: str) -> ArtifactError:
@@ -125,14 +130,15 @@ class LocalStore:
         shutil.move(arrays_file, target / ARRAYS)
         write_whole(target / MANIFEST, manifest_text)  # the manifest appears last, whole
 
-    def arrays_file(self, path: str, sha256: str) -> Path:
+    def arrays_data(self, path: str, sha256: str) -> bytearray:
         arrays_file = self.root / path / ARRAYS
         if not arrays_file.exists():
             raise ArtifactError(f"artifact {path}: {arrays_file} is missing")
-        actual = file_sha256(arrays_file)
+        data = read_whole(arrays_file)
+        actual = hashlib.sha256(data).hexdigest()
         if actual != sha256:
             raise checksum_mismatch(path, sha256, actual)
-        return arrays_file
+        return data
 
     def manifest_text(self, path: str) -> str:
         try:
@@ -165,8 +171,7 @@ def write_artifact(kind: str, arrays: dict[str, np.ndarray], manifest: dict[str,
     os.close(handle)
     temp = Path(temp_name)
     try:
-        np.savez(temp, **arrays)
-        sha256 = file_sha256(temp)
+        sha256 = write_npz(temp, arrays)
         path = f"{kind}/{sha256[:2]}/{sha256}"
         if not store.exists(path):
             described = {
@@ -183,7 +188,10 @@ def write_artifact(kind: str, arrays: dict[str, np.ndarray], manifest: dict[str,
 
 
 def read_manifest(path: str, root: str | Path | None = None) -> dict[str, Any]:
-    text = open_store(root).manifest_text(path)
+    return parse_manifest(path, open_store(root).manifest_text(path))
+
+
+def parse_manifest(path: str, text: str) -> dict[str, Any]:
     try:
         return json.loads(text)
     except ValueError as error:
@@ -194,14 +202,17 @@ def read_artifact(path: str, sha256: str, root: str | Path | None = None
                   ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Arrays and manifest of an artifact, refused unless its sha256 is the expected one."""
     store = open_store(root)
-    arrays_file = store.arrays_file(path, sha256)
-    manifest = read_manifest(path, root)
+    with ThreadPoolExecutor(1) as beside:  # the manifest's round trip during the arrays'
+        manifest_text = beside.submit(store.manifest_text, path)
+        data = store.arrays_data(path, sha256)
+        manifest = parse_manifest(path, manifest_text.result())
     if manifest.get("sha256") != sha256:
         raise ArtifactError(f"artifact {path}: manifest names sha256 {manifest.get('sha256')}, "
                             f"expected {sha256}")
-    with np.load(arrays_file, allow_pickle=False) as data:
-        arrays = {name: data[name] for name in data.files}
-    return arrays, manifest
+    try:
+        return npz_arrays(data), manifest  # views of `data`: no copy of the verified bytes
+    except (NpzError, ValueError) as error:
+        raise ArtifactError(f"artifact {path}: arrays unreadable ({error})") from None
 
 
 def csr_to_arrays(prefix: str, matrix: sp.csr_matrix) -> dict[str, np.ndarray]:
