@@ -10,7 +10,13 @@ a fresh process each:
 - the bare part: numpy top-10 of every user from the same factors, train items masked, in
   blocks of the same size.
 Prints each stage's wall time and peak RSS (VmHWM), then one JSON object as its last line:
-{"users", "rows", "seconds", "bare_seconds", "ratio", "peak_rss_mb"}.
+{"users", "rows", "seconds", "bare_seconds", "ratio", "peak_rss_mb"}. Target: ratio <= 1.5.
+
+Memory the batch holds beyond the interpreter is bounded, whatever the number of users, by
+24 bytes a train interaction (the snapshot's split, twice while its CSR is rebuilt), the
+float32 factors, one chunk's history (24 bytes an interaction), one score block of 2**24
+cells ranked in place (192 MB) and one chunk's rows (k x 32 bytes a user): the line
+"bound on batch memory" prints it for the run (705 MB at full size).
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ import numpy as np
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from services.serve.history import History, event_value, merge
 from services.serve.models import LoadedModel, load_model
 from services.serve.recommend import ListRequest, RecommendationService, rank
 from shared.db import ModelVersion
+from shared.history import History, event_value, merge
 from shared.settings import Settings
 
 KEEP = 3  # loaded versions kept (champion, challenger and one just replaced)

@@ -38,27 +38,11 @@ def default_num_threads() -> int:
     return max(len(os.sched_getaffinity(0)), 1) if hasattr(os, "sched_getaffinity") else 1
 
 
-def top_k(
-    scores: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Best ``k`` columns per row (ties by lower item index); excluded/-inf cells pad as -1."""
-    # One negated copy is both the masked block and what the partition runs on: at 25M
-    # ratings each extra pass over the blocks is gigabytes of memory traffic.
-    negated = np.negative(np.atleast_2d(scores), dtype=np.float32)
-    if exclude is not None and exclude.nnz:
-        rows = np.repeat(np.arange(exclude.shape[0]), np.diff(exclude.indptr))
-        negated[rows, exclude.indices] = np.inf
-    n_rows, n_items = negated.shape
-    width = min(k, n_items)
-    candidates = np.argpartition(negated, width - 1, axis=1)[:, :width]
-    candidate_scores = -np.take_along_axis(negated, candidates, axis=1)
-    order = np.lexsort((candidates, -candidate_scores), axis=1)
-    ids = np.full((n_rows, k), -1, dtype=np.int64)
-    best = np.full((n_rows, k), -np.inf, dtype=np.float32)
-    ids[:, :width] = np.take_along_axis(candidates, order, axis=1)
-    best[:, :width] = np.take_along_axis(candidate_scores, order, axis=1)
-    ids[~np.isfinite(best)] = -1
-    return ids, best
+def seen_cells(rows: sp.csr_matrix) -> np.ndarray:
+    """The cells of CSR `rows` as flat indices into a dense block of their shape: the
+    `banned` of `rank_rows` for each row's own items."""
+    starts = np.arange(rows.shape[0], dtype=np.int64) * rows.shape[1]
+    return np.repeat(starts, np.diff(rows.indptr)) + rows.indices
 
 
 def rank_rows(scores: np.ndarray, k: int, banned: np.ndarray | None = None,
@@ -162,7 +146,8 @@ class Recommender(ABC):
         for start in range(0, users.size, batch_users):
             batch = slice(start, start + batch_users)
             block = self._score(users[batch], self.weighting.transform(rows[batch]))
-            ids[batch], scores[batch] = top_k(block, k, hidden[batch] if filter_seen else None)
+            banned = seen_cells(hidden[batch]) if filter_seen else None
+            ids[batch], scores[batch] = rank_rows(block, k, banned, in_place=True)
         return ids, scores
 
     def score(self, user_indices: Sequence[int] | np.ndarray, user_items: sp.spmatrix
@@ -206,9 +191,8 @@ class Recommender(ABC):
         """The ``k`` items most similar to ``item_idx`` (itself excluded) and their scores."""
         if not 0 <= item_idx < self.n_items:
             raise ValueError(f"item index {item_idx} outside 0..{self.n_items - 1}")
-        scores = np.array(self._item_similarities(item_idx), dtype=np.float32).reshape(1, -1)
-        scores[0, item_idx] = -np.inf  # an item is not its own neighbour
-        ids, best = top_k(scores, k)
+        scores = np.asarray(self._item_similarities(item_idx), dtype=np.float32)
+        ids, best = rank_rows(scores, k, np.array([item_idx]))  # not its own neighbour
         return ids[0], best[0]
 
     def to_arrays(self) -> dict[str, np.ndarray]:

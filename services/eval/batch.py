@@ -7,16 +7,18 @@ interactions is folded in, and a user with none gets the popular list (train int
 counts); a genre filter keeps items of any of the genres. The version is resolved as
 `recsys eval` resolves it (services/eval/versions.py).
 
-Users are taken in chunks of BATCH_CHUNK_USERS: a chunk's history is read in one query,
-scored in blocks of at most SCORE_BLOCK_CELLS cells, and written as one Parquet part file
-beside the output (`<output>.parts/`), recorded in a manifest. A rerun with the same
-arguments skips the recorded parts; other arguments discard them and start over. When
-every chunk is written, the parts are combined into the output one at a time.
+Users are taken in chunks of BATCH_CHUNK_USERS: a chunk's history is read in one query a
+table (a chunk of `all` by its range of ids) and merged as serve merges it
+(shared/history.py), scored in blocks of at most SCORE_BLOCK_CELLS cells, and written as
+one Parquet part file beside the output (`<output>.parts/`), recorded in a manifest. A
+rerun with the same arguments skips the recorded parts; other arguments discard them and
+start over. When every chunk is written, the parts are combined into the output one at a
+time.
 
 Memory: the model and snapshot arrays, one chunk's history, one score block ranked in
-place by serve's `rank_rows` (SCORE_BLOCK_CELLS x 12 bytes: the float32 scores and their
-int64 argpartition indices) and one chunk's rows (chunk x k x 32 bytes); combining holds
-one part at a time.
+place by `rank_rows`, the ranking serve lists with (SCORE_BLOCK_CELLS x 12 bytes: the
+float32 scores and their int64 argpartition indices) and one chunk's rows (chunk x k x 32
+bytes); combining holds one part at a time.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from services.eval.versions import load_snapshot_arrays, resolve_version
 from shared.artifacts import arrays_to_csr, read_artifact
 from shared.db import session_scope
 from shared.features import IdIndex
-from shared.recommenders import SCORE_BLOCK_CELLS, Recommender, from_arrays, rank_rows
+from shared.history import History, event_value, merge, merged_row
+from shared.recommenders import SCORE_BLOCK_CELLS, Recommender, from_arrays, rank_rows, seen_cells
 from shared.settings import get_settings
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl"}
@@ -51,12 +54,12 @@ COLUMNS = ("user_id", "rank", "movie_id", "score", "model_version")
 SCHEMA = pa.schema([("user_id", pa.int64()), ("rank", pa.int32()), ("movie_id", pa.int64()),
                     ("score", pa.float64()), ("model_version", pa.int32())])
 MANIFEST = "manifest.json"
-# As serve and transform count them: a rating with its stars, a click or watch as
-# FEEDBACK_IMPLICIT_RATING stars, a view only "seen" (no interaction).
-ENGAGED = ("click", "watch")
-_FEEDBACK_ORDER = text(
-    "SELECT user_id, movie_id, value, type FROM feedback WHERE user_id IN :users "
-    "ORDER BY user_id, occurred_at, id").bindparams(bindparam("users", expanding=True))
+# A chunk's history: its users named one by one, or (a chunk of `all`, every user in a
+# range of ids) the range, which spares the database a list of thousands of ids.
+_LISTED, _RANGE = "user_id IN :users", "user_id BETWEEN :low AND :high"
+_RATINGS = "SELECT user_id, movie_id, rating FROM rating WHERE {} ORDER BY user_id, rated_at"
+_FEEDBACK = ("SELECT user_id, movie_id, value, type FROM feedback WHERE {} "
+             "ORDER BY user_id, occurred_at, id")
 Progress = Callable[[int, int], None]  # (users done, users in all)
 
 
@@ -168,37 +171,32 @@ def database_users() -> np.ndarray:
     return np.unique(np.asarray(rows, dtype=np.int64))
 
 
-def _event_value(kind: str, value: float | None, implicit: float) -> float | None:
-    if kind == "rating" and value is not None:
-        return float(value)
-    return implicit if kind in ENGAGED else None
-
-
-def read_histories(user_ids: np.ndarray) -> dict[int, dict[int, float | None]]:
-    """Each user's ratings then feedback (in time order), later events winning, a view
-    never erasing an earlier interaction: serve's history of a user, for many at once."""
+def read_histories(user_ids: np.ndarray, whole_range: bool = False) -> dict[int, History]:
+    """Each user's ratings then feedback (in time order), merged as serve merges them, for
+    many users at once. `whole_range`: `user_ids` is every user with a history between its
+    first and last id (ascending), so the range is read instead of the list."""
     implicit = get_settings().feedback_implicit_rating
-    ids = [int(u) for u in user_ids]
-    histories: dict[int, dict[int, float | None]] = {}
-
-    def merge(user: int, movie: int, value: float | None) -> None:
-        history = histories.setdefault(user, {})
-        if value is not None or movie not in history:
-            history[movie] = value
-
+    if not user_ids.size:
+        return {}
+    if whole_range:
+        where, params = _RANGE, {"low": int(user_ids[0]), "high": int(user_ids[-1])}
+        ratings, feedback = text(_RATINGS.format(where)), text(_FEEDBACK.format(where))
+    else:
+        where, params = _LISTED, {"users": user_ids.tolist()}
+        ratings, feedback = (text(query.format(where)).bindparams(
+            bindparam("users", expanding=True)) for query in (_RATINGS, _FEEDBACK))
+    histories: dict[int, History] = {}
     with session_scope() as session:
-        for user, movie, value in session.execute(text(
-                "SELECT user_id, movie_id, rating FROM rating WHERE user_id IN :users "
-                "ORDER BY user_id, rated_at").bindparams(bindparam("users", expanding=True)),
-                {"users": ids}):
-            merge(int(user), int(movie), float(value))
-        for user, movie, value, kind in session.execute(_FEEDBACK_ORDER, {"users": ids}):
-            merge(int(user), int(movie), _event_value(kind, value, implicit))
+        for user, movie, value in session.execute(ratings, params):
+            merge(histories.setdefault(int(user), {}), int(movie), float(value))
+        for user, movie, value, kind in session.execute(feedback, params):
+            merge(histories.setdefault(int(user), {}), int(movie),
+                  event_value(kind, value, implicit))
     return histories
 
 
 def _rows(batch: Batch, positions: np.ndarray, user_ids: np.ndarray,
-          histories: dict[int, dict[int, float | None]]
+          histories: dict[int, History]
           ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """(interactions, seen) of a chunk, users x items: the snapshot train row merged with
     the database history, as serve's plan merges them. A trained user without history in
@@ -226,26 +224,14 @@ def _rows(batch: Batch, positions: np.ndarray, user_ids: np.ndarray,
 
 
 def _merged_rows(batch: Batch, positions: np.ndarray, user_ids: np.ndarray,
-                 histories: dict[int, dict[int, float | None]], rows: np.ndarray
+                 histories: dict[int, History], rows: np.ndarray
                  ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """(interactions, items only seen) of the chunk's `rows` that merge a database history
     into their train row (or have no train row), zero elsewhere."""
     inter_rows, inter_cols, inter_vals, seen_rows, seen_cols = [], [], [], [], []
-    train = batch.train
     for row in rows.tolist():
-        position, user = int(positions[row]), int(user_ids[row])
-        extra = histories.get(user)
-        values: dict[int, float | None] = {}
-        if position >= 0:
-            start, end = train.indptr[position], train.indptr[position + 1]
-            values = dict(zip(train.indices[start:end].tolist(),
-                              train.data[start:end].tolist(), strict=True))
-        if extra:
-            movies = np.fromiter(extra, dtype=np.int64, count=len(extra))
-            columns = batch.items.to_index(movies, allow_unknown=True)
-            for column, movie in zip(columns.tolist(), movies.tolist(), strict=True):
-                if column >= 0 and (extra[movie] is not None or column not in values):
-                    values[column] = extra[movie]
+        values = merged_row(batch.train, int(positions[row]), batch.items,
+                            histories.get(int(user_ids[row])))
         kept = {c: v for c, v in values.items() if v is not None}
         inter_rows.append(np.full(len(kept), row, np.int32))
         inter_cols.append(np.fromiter(kept, dtype=np.int32, count=len(kept)))
@@ -269,17 +255,13 @@ def _merged_rows(batch: Batch, positions: np.ndarray, user_ids: np.ndarray,
             csr(seen_rows, seen_cols, None))
 
 
-def _flat_cells(rows: sp.csr_matrix) -> np.ndarray:
-    """The cells of a CSR block as flat indices into a dense block of its shape."""
-    starts = np.arange(rows.shape[0], dtype=np.int64) * rows.shape[1]
-    return np.repeat(starts, np.diff(rows.indptr)) + rows.indices
-
-
 def score_chunk(batch: Batch, user_ids: np.ndarray, k: int, exclude_seen: bool,
-                mask: np.ndarray | None) -> pa.Table:
-    """The rows of one chunk of users, in user order then rank."""
+                mask: np.ndarray | None, whole_range: bool = False) -> pa.Table:
+    """The rows of one chunk of users, in user order then rank (`whole_range`: as in
+    `read_histories`)."""
     positions = batch.users.to_index(user_ids, allow_unknown=True)
-    interactions, seen = _rows(batch, positions, user_ids, read_histories(user_ids))
+    interactions, seen = _rows(batch, positions, user_ids,
+                               read_histories(user_ids, whole_range))
     has_history = np.diff(interactions.indptr) > 0
     popular = (positions < 0) & ~has_history
     ids = np.full((user_ids.size, k), -1, dtype=np.int64)
@@ -303,7 +285,7 @@ def score_chunk(batch: Batch, user_ids: np.ndarray, k: int, exclude_seen: bool,
                 scores = recommender.score(positions[rows], interactions[rows])
             else:
                 scores = np.broadcast_to(batch.popularity, (rows.size, len(batch.items)))
-            banned = _flat_cells(seen[rows]) if exclude_seen else None
+            banned = seen_cells(seen[rows]) if exclude_seen else None
             ids[rows], best[rows] = rank_rows(scores, k, banned, mask, in_place=True)
     keep = ids >= 0
     counts = keep.sum(axis=1)
@@ -396,7 +378,7 @@ def recommend_batch(users: str | list[int], k: int, output: str | Path,
             rows += int(done["rows"])
         else:
             table = score_chunk(batch, user_ids[start:start + chunk_users], k, exclude_seen,
-                                mask)
+                                mask, whole_range=asked is None)
             partial = part.with_suffix(".tmp")
             pq.write_table(table, partial)
             os.replace(partial, part)

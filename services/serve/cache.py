@@ -28,9 +28,9 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from services.serve.history import History, merge
 from services.serve.journal import FeedbackJournal
 from services.serve.metrics import CACHE, child
+from shared.history import History, merge
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -38,12 +38,12 @@ import sqlalchemy.exc
 from starlette.concurrency import run_in_threadpool
 
 from services.serve.cache import Cache
-from services.serve.history import History, event_value, merge
 from services.serve.metrics import FEEDBACK, FEEDBACK_OUTBOX
 from services.serve.outbox import Events, FeedbackOutbox
 from services.serve.schemas import FeedbackIn
 from shared.celery_app import app, run_task
 from shared.errors import RecsysError
+from shared.history import History, event_value, merge
 
 log = logging.getLogger(__name__)
 

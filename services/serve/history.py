@@ -23,14 +23,11 @@ from starlette.concurrency import run_in_threadpool
 
 from services.serve.metrics import DEGRADED
 from shared.db import engine_for
+from shared.history import History, event_value, merge
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# As in a snapshot (services/transform/loading.py): a rating counts with its value, a click
-# or watch as FEEDBACK_IMPLICIT_RATING stars, and a view is no interaction, only "seen".
-ENGAGED = ("click", "watch")
-History = dict[int, float | None]  # movie id -> interaction value, None: seen only
 _HISTORY = text(
     "SELECT movie_id, rating AS value, 'rating' AS type, 0 AS part, rated_at AS at "
     "FROM rating WHERE user_id = :user "
@@ -60,19 +57,6 @@ def serve_engine(settings: Settings) -> Engine:
     return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=4, max_overflow=8,
                          pool_timeout=2, connect_args={
                              "connect_timeout": 2, "options": "-c statement_timeout=2000"})
-
-
-def event_value(kind: str, value: float | None, implicit_rating: float) -> float | None:
-    """The interaction value an event adds to a history row; None when it adds none."""
-    if kind == "rating" and value is not None:
-        return float(value)
-    return implicit_rating if kind in ENGAGED else None
-
-
-def merge(history: History, movie_id: int, value: float | None) -> None:
-    """Later events win, but a view never erases an earlier interaction."""
-    if value is not None or movie_id not in history:
-        history[movie_id] = value
 
 
 # What a failed asyncpg read raises: the server's error, a closed or refused connection,

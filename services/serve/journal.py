@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from services.serve.history import History
+from shared.history import History
 
 JournalRow = tuple[int, int, int, float | None, float]  # seq, user, movie, value, noted at
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS recent_feedback (seq INTEGER PRIMARY KEY AUTOINCREMENT,"

@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.serve.cache import Cache, list_key
-from services.serve.history import History, HistoryReader, merge
+from services.serve.history import HistoryReader
 from services.serve.impressions import ImpressionLogger
 from services.serve.metrics import SCORE_BATCH, SERVED, child
 from services.serve.models import LoadedModel, ModelStore, ServingState
+from shared.history import History, merge, merged_row
 from shared.recommenders import Recommender, rank_rows
 
 
@@ -315,17 +316,7 @@ class RecommendationService:
         """The user's row, interactions (snapshot train row merged with `extra`, the
         history since), banned items and the path that answers them."""
         user = model.users.position(request.user_id)
-        values: dict[int, float | None] = {}
-        if user >= 0:  # the snapshot's train row, read straight from the CSR arrays
-            start, end = model.train.indptr[user], model.train.indptr[user + 1]
-            values = dict(zip(model.train.indices[start:end].tolist(),
-                              model.train.data[start:end].tolist(), strict=True))
-        if extra:
-            movies = np.fromiter(extra, dtype=np.int64, count=len(extra))
-            columns = model.items.to_index(movies, allow_unknown=True)
-            for column, movie in zip(columns.tolist(), movies.tolist(), strict=True):
-                if column >= 0:
-                    merge(values, column, extra[movie])
+        values = merged_row(model.train, user, model.items, extra)
         banned = np.fromiter(values, dtype=np.int64, count=len(values))  # every seen item
         if request.exclude:
             excluded = model.items.to_index(np.asarray(request.exclude, dtype=np.int64),

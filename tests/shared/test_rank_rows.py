@@ -1,10 +1,12 @@
-"""rank_rows, the ranking serve and the batch share, against a plain sort of each row."""
+"""rank_rows, the ranking serve, the batch and evaluation share, against a plain sort of
+each row; seen_cells, the cells a history row bans."""
 
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
-from shared.recommenders import rank_rows
+from shared.recommenders import rank_rows, seen_cells
 
 
 def sorted_row(line: np.ndarray, k: int) -> list[int]:
@@ -45,3 +47,12 @@ def test_in_place_overwrites_only_an_owned_float32_block() -> None:
     assert not np.array_equal(scores, kept)
     for got, want in zip(in_place, copied, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_seen_cells_ban_each_rows_own_items_and_ties_go_to_the_lower_index() -> None:
+    scores = np.array([[1.0, 3.0, 3.0, 0.5, 3.0], [2.0, 2.0, 1.0, 2.0, 0.0]])
+    seen = sp.csr_matrix(([1.0, 1.0, 1.0], ([0, 1, 1], [2, 0, 3])), shape=(2, 5))
+    assert seen_cells(seen).tolist() == [2, 5, 8]
+    ids, best = rank_rows(scores, 3, seen_cells(seen))
+    assert ids.tolist() == [[1, 4, 0], [1, 2, 4]]
+    assert best.tolist() == [[3.0, 3.0, 1.0], [2.0, 1.0, 0.0]]

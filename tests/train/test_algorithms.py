@@ -16,7 +16,6 @@ from shared.recommenders import (
     FactorModel,
     Recommender,
     from_arrays,
-    top_k,
 )
 
 # Small factor counts and few iterations keep these fits instantaneous.
@@ -242,13 +241,6 @@ def test_unknown_algorithm_in_arrays() -> None:
                 "weighting.binarise": np.array(True),
             }
         )
-
-
-def test_top_k_breaks_ties_by_item_index() -> None:
-    scores = np.array([[1.0, 3.0, 3.0, 0.5, 3.0]])
-    exclude = sp.csr_matrix(([1.0], ([0], [2])), shape=(1, 5))
-    ids, best = top_k(scores, 3, exclude)
-    assert ids.tolist() == [[1, 4, 0]] and best.tolist() == [[3.0, 3.0, 1.0]]
 
 
 def test_registry_fit_overlays_partial_params_on_defaults(ratings: sp.csr_matrix) -> None:
