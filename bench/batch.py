@@ -3,8 +3,11 @@
 Builds a generated snapshot (162,541 users x 59,047 items, 25,000,095 interactions, the
 train split of bench/evaluate.py's generator; users and items scale with `--ratings` as
 bench/datagen.py scales ml-25m, unless given) and a 64-factor ALS model of the same shape,
-registered and promoted in an embedded registry (SQLite under a scratch DATA_PATH), then in
-a fresh process each:
+registered and promoted, its train interactions stored as the database's ratings (as in
+production, where every user's history is read and merged into their train row), in an
+embedded database (SQLite under a scratch DATA_PATH) or, with `--database-url`, a scratch
+database on that Postgres server (read by binary COPY, as in a deployment), then in a
+fresh process each:
 - `recsys recommend`'s domain function over `--users all`, top-10 to Parquet (history
   reads, seen-item masking, ranking as serve ranks, part files, manifest, the combine);
 - the bare part: numpy top-10 of every user from the same factors, train items masked, in
@@ -22,6 +25,8 @@ cells ranked in place (192 MB) and one chunk's rows (k x 32 bytes a user): the l
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -31,12 +36,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import bare_top_k  # noqa: E402
+from bench.common import bare_top_k, scratch_database  # noqa: E402
 from bench.datagen import ML25M_RATINGS, Shape  # noqa: E402
 from bench.evaluate import generate, peak_rss_mb  # noqa: E402
 
@@ -45,15 +51,54 @@ K = 10
 GENRES = ("Action", "Comedy", "Drama", "Romance", "Thriller")
 
 
-def environment(workdir: Path) -> dict[str, str]:
-    """Embedded settings in the scratch directory: no servers are involved."""
+def environment(workdir: Path, database_url: str = "") -> dict[str, str]:
+    """Settings in the scratch directory: the database is embedded unless given; no broker
+    or cache is involved."""
     return {"DATA_PATH": str(workdir / "data"), "MODEL_PATH": str(workdir / "models"),
-            "DATABASE_URL": "", "BROKER_URL": "", "REDIS_URL": ""}
+            "DATABASE_URL": database_url, "BROKER_URL": "", "REDIS_URL": ""}
 
 
-def build(workdir: Path, users: int, items: int, rows: int, seed: int) -> dict[str, str]:
-    """The snapshot and model artifacts, registered, the model promoted to champion."""
-    os.environ.update(environment(workdir))
+def store_ratings(train: sp.csr_matrix, rows_per_batch: int = 1_000_000) -> None:
+    """The train interactions as ratings (user and movie ids 1-based, rated_at the cell's
+    position), by binary COPY on Postgres, in batches of inserts on SQLite."""
+    from shared.db import get_engine
+    from shared.db.copy import HEADER_BYTES, ROW
+
+    users = (np.repeat(np.arange(train.shape[0]), np.diff(train.indptr)) + 1).astype(np.int32)
+    movies = (train.indices + 1).astype(np.int32)
+    engine = get_engine()
+    if engine.dialect.name != "postgresql":
+        with engine.begin() as conn:
+            for start in range(0, train.nnz, rows_per_batch):
+                end = min(start + rows_per_batch, train.nnz)
+                conn.exec_driver_sql(
+                    "INSERT INTO rating (user_id, movie_id, rating, rated_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    list(zip(users[start:end].tolist(), movies[start:end].tolist(),
+                             train.data[start:end].tolist(), range(start, end), strict=True)))
+        return
+    rows = np.empty(train.nnz, dtype=ROW)
+    rows["fields"], rows["ul"], rows["ml"], rows["vl"], rows["ol"] = 4, 4, 4, 4, 8
+    rows["user_id"], rows["movie_id"] = users, movies
+    rows["value"], rows["order"] = train.data, np.arange(train.nnz)
+    stream = io.BytesIO(HEADER_BYTES + rows.tobytes() + b"\xff\xff")
+    del rows
+    raw = engine.raw_connection()
+    try:
+        with raw.cursor() as cursor:
+            cursor.copy_expert("COPY rating (user_id, movie_id, rating, rated_at) FROM STDIN "
+                               "WITH (FORMAT binary)", stream, size=8 << 20)
+            cursor.execute("ANALYZE rating")
+        raw.commit()
+    finally:
+        raw.close()
+
+
+def build(workdir: Path, database_url: str, users: int, items: int, rows: int, seed: int
+          ) -> dict[str, str]:
+    """The snapshot and model artifacts, registered, the model promoted to champion, and
+    the train interactions stored as ratings."""
+    os.environ.update(environment(workdir, database_url))
     from services.registry import registry
     from shared.artifacts import csr_to_arrays, write_artifact
     from shared.db import Snapshot, migrate, session_scope
@@ -62,6 +107,10 @@ def build(workdir: Path, users: int, items: int, rows: int, seed: int) -> dict[s
 
     migrate()
     train, _ = generate(users, items, rows, seed)
+    clock = time.perf_counter()
+    store_ratings(train)
+    print(f"stored {train.nnz:,} ratings in the database in {time.perf_counter() - clock:.1f} s",
+          flush=True)
     rng = np.random.default_rng(seed + 1)
     arrays = {"user_ids": np.arange(1, users + 1, dtype=np.int64),
               "item_ids": np.arange(1, items + 1, dtype=np.int64),
@@ -114,11 +163,13 @@ def stage(mode: str, refs: dict[str, str], workdir: Path) -> dict[str, float]:
     return result
 
 
-def run_stage(mode: str, refs: dict[str, str], workdir: Path) -> dict[str, float]:
+def run_stage(mode: str, refs: dict[str, str], workdir: Path, database_url: str
+              ) -> dict[str, float]:
     done = subprocess.run(
         [sys.executable, __file__, "--stage", mode, "--refs", json.dumps(refs),
          "--workdir", str(workdir)],
-        capture_output=True, text=True, env={**os.environ, **environment(workdir)})
+        capture_output=True, text=True,
+        env={**os.environ, **environment(workdir, database_url)})
     if done.returncode != 0:
         raise SystemExit(f"{mode} stage failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -132,6 +183,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=None,
                         help="Items (default: ml-25m's share at --ratings, 59,047 at 25M).")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--database-url", default="",
+                        help="A Postgres server (admin URL) to hold the registry and ratings "
+                        "in a scratch database, dropped afterwards (default: embedded SQLite).")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--stage", choices=("batch", "bare"), default=None)
     parser.add_argument("--refs", default=None)
@@ -149,16 +203,18 @@ def main() -> None:
     if min(args.users, args.items, args.ratings) < 1:
         parser.error("--users, --items and --ratings must be positive")
 
-    with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
-        workdir = Path(scratch)
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.workdir)))
+        database = (stack.enter_context(scratch_database(args.database_url, "batch"))
+                    .render_as_string(hide_password=False) if args.database_url else "")
         clock = time.perf_counter()
-        refs = build(workdir, args.users, args.items, args.ratings, args.seed)
+        refs = build(workdir, database, args.users, args.items, args.ratings, args.seed)
         print(f"generated {args.users:,} users x {args.items:,} items, {int(refs['nnz']):,} "
               f"train interactions in {time.perf_counter() - clock:.1f} s")
-        batch = run_stage("batch", refs, workdir)
+        batch = run_stage("batch", refs, workdir, database)
         print(f"recommend --users all --k {K} to Parquet: {batch['seconds']:.2f} s, "
               f"{int(batch['rows']):,} rows, peak RSS {batch['peak_rss_mb']:.0f} MB")
-        bare = run_stage("bare", refs, workdir)
+        bare = run_stage("bare", refs, workdir, database)
         print(f"bare numpy top-{K} of every user: {bare['seconds']:.2f} s, peak RSS "
               f"{bare['peak_rss_mb']:.0f} MB")
         from shared.settings import get_settings

@@ -45,3 +45,36 @@ def merged_row(train: sp.csr_matrix, position: int, items: IdIndex, extra: Histo
             if column >= 0:
                 merge(values, column, extra[movie])
     return values
+
+
+def event_value_sql(implicit_rating: float) -> str:
+    """`event_value` as an SQL expression over a feedback row's `type` and `value`: NULL
+    where the event adds no interaction (a view, a rating without a value)."""
+    engaged = ", ".join(f"'{kind}'" for kind in ENGAGED)
+    return (f"CASE WHEN type = 'rating' THEN value WHEN type IN ({engaged}) "
+            f"THEN {float(implicit_rating)} END")
+
+
+def _cells_csr(cells: np.ndarray, data: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """A CSR matrix from ascending flat cell indices (row * columns + column)."""
+    rows = cells // shape[1]
+    indptr = np.searchsorted(rows, np.arange(shape[0] + 1, dtype=np.int64))
+    return sp.csr_matrix((data, (cells % shape[1]).astype(np.int32), indptr), shape=shape)
+
+
+def merge_cells(rows: np.ndarray, columns: np.ndarray, values: np.ndarray,
+                shape: tuple[int, int]) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """`merge` for many users at once: (interactions, seen) of the cells (`rows`, `columns`)
+    whose events come oldest first, `values` NaN where an event adds no interaction. A
+    cell keeps its last event's value that is not NaN; a cell with only NaN events is seen
+    but no interaction. `seen` is `interactions` itself when no cell is only seen."""
+    keys = rows.astype(np.int64) * shape[1] + columns
+    valued = ~np.isnan(values)
+    # The first occurrence in the reversed events is each cell's last one.
+    cells, last = np.unique(keys[valued][::-1], return_index=True)
+    interactions = _cells_csr(cells, values[valued][::-1][last].astype(np.float32), shape)
+    only_seen = np.setdiff1d(keys[~valued], cells)
+    if not only_seen.size:
+        return interactions, interactions
+    every = np.union1d(cells, only_seen)
+    return interactions, _cells_csr(every, np.ones(every.size, dtype=bool), shape)

@@ -8,12 +8,12 @@ counts); a genre filter keeps items of any of the genres. The version is resolve
 `recsys eval` resolves it (services/eval/versions.py).
 
 Users are taken in chunks of BATCH_CHUNK_USERS: a chunk's history is read in one query a
-table (a chunk of `all` by its range of ids) and merged as serve merges it
-(shared/history.py), scored in blocks of at most SCORE_BLOCK_CELLS cells, and written as
-one Parquet part file beside the output (`<output>.parts/`), recorded in a manifest. A
-rerun with the same arguments skips the recorded parts; other arguments discard them and
-start over. When every chunk is written, the parts are combined into the output one at a
-time.
+table (a chunk of `all` by its range of ids; a binary COPY on Postgres) and merged into
+the train rows as arrays by serve's rule (shared/history.py `merge_cells`), scored in
+blocks of at most SCORE_BLOCK_CELLS cells, and written as one Parquet part file beside
+the output (`<output>.parts/`), recorded in a manifest. A rerun with the same arguments
+skips the recorded parts; other arguments discard them and start over. When every chunk
+is written, the parts are combined into the output one at a time.
 
 Memory: the model and snapshot arrays, one chunk's history, one score block ranked in
 place by `rank_rows`, the ranking serve lists with (SCORE_BLOCK_CELLS x 12 bytes: the
@@ -38,14 +38,15 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import scipy.sparse as sp
-from sqlalchemy import bindparam, text
+from sqlalchemy import text
 
 from services.eval.offline import EvaluationError
 from services.eval.versions import load_snapshot_arrays, resolve_version
 from shared.artifacts import arrays_to_csr, read_artifact
-from shared.db import session_scope
+from shared.db import get_engine, session_scope
+from shared.db.copy import read_columns
 from shared.features import IdIndex
-from shared.history import History, event_value, merge, merged_row
+from shared.history import event_value_sql, merge_cells
 from shared.recommenders import SCORE_BLOCK_CELLS, Recommender, from_arrays, rank_rows, seen_cells
 from shared.settings import get_settings
 
@@ -54,12 +55,6 @@ COLUMNS = ("user_id", "rank", "movie_id", "score", "model_version")
 SCHEMA = pa.schema([("user_id", pa.int64()), ("rank", pa.int32()), ("movie_id", pa.int64()),
                     ("score", pa.float64()), ("model_version", pa.int32())])
 MANIFEST = "manifest.json"
-# A chunk's history: its users named one by one, or (a chunk of `all`, every user in a
-# range of ids) the range, which spares the database a list of thousands of ids.
-_LISTED, _RANGE = "user_id IN :users", "user_id BETWEEN :low AND :high"
-_RATINGS = "SELECT user_id, movie_id, rating FROM rating WHERE {} ORDER BY user_id, rated_at"
-_FEEDBACK = ("SELECT user_id, movie_id, value, type FROM feedback WHERE {} "
-             "ORDER BY user_id, occurred_at, id")
 Progress = Callable[[int, int], None]  # (users done, users in all)
 
 
@@ -171,97 +166,73 @@ def database_users() -> np.ndarray:
     return np.unique(np.asarray(rows, dtype=np.int64))
 
 
-def read_histories(user_ids: np.ndarray, whole_range: bool = False) -> dict[int, History]:
-    """Each user's ratings then feedback (in time order), merged as serve merges them, for
-    many users at once. `whole_range`: `user_ids` is every user with a history between its
-    first and last id (ascending), so the range is read instead of the list."""
-    implicit = get_settings().feedback_implicit_rating
-    if not user_ids.size:
-        return {}
+def _where(user_ids: np.ndarray, whole_range: bool) -> str:
+    """The users' rows: their range of ids (`whole_range`) or the ids one by one; numbers
+    only, written into the query (COPY takes no parameters)."""
     if whole_range:
-        where, params = _RANGE, {"low": int(user_ids[0]), "high": int(user_ids[-1])}
-        ratings, feedback = text(_RATINGS.format(where)), text(_FEEDBACK.format(where))
-    else:
-        where, params = _LISTED, {"users": user_ids.tolist()}
-        ratings, feedback = (text(query.format(where)).bindparams(
-            bindparam("users", expanding=True)) for query in (_RATINGS, _FEEDBACK))
-    histories: dict[int, History] = {}
-    with session_scope() as session:
-        for user, movie, value in session.execute(ratings, params):
-            merge(histories.setdefault(int(user), {}), int(movie), float(value))
-        for user, movie, value, kind in session.execute(feedback, params):
-            merge(histories.setdefault(int(user), {}), int(movie),
-                  event_value(kind, value, implicit))
-    return histories
+        return f"user_id BETWEEN {int(user_ids[0])} AND {int(user_ids[-1])}"
+    return f"user_id IN ({', '.join(str(int(u)) for u in user_ids.tolist())})"
+
+
+def read_events(user_ids: np.ndarray, whole_range: bool = False) -> dict[str, np.ndarray]:
+    """Every rating and feedback event of many users at once, oldest first as serve merges
+    them (ratings by time, then feedback by time, ties in arrival order): arrays user_id,
+    movie_id and value, NaN where an event adds no interaction (a view). One query a
+    table, read on Postgres by a binary COPY (shared/db/copy.py). `whole_range`: `user_ids`
+    is every user with a history between its first and last id (ascending), so the range
+    is read instead of the list."""
+    names = ("user_id", "movie_id", "value")
+    if not user_ids.size:
+        return {"user_id": np.empty(0, np.int32), "movie_id": np.empty(0, np.int32),
+                "value": np.empty(0, np.float32)}
+    engine = get_engine()
+    where = _where(user_ids, whole_range)
+    ratings = read_columns(engine, "SELECT user_id, movie_id, rating, rated_at FROM rating "
+                                   f"WHERE {where}")
+    by_time = np.argsort(ratings["order"], kind="stable")
+    value = event_value_sql(get_settings().feedback_implicit_rating)
+    if engine.dialect.name == "postgresql":  # COPY's fixed-width rows hold no NULL
+        value = f"CAST(coalesce({value}, 'NaN') AS REAL)"
+    feedback = read_columns(engine, f"SELECT user_id, movie_id, {value}, id FROM feedback "
+                                    f"WHERE {where} ORDER BY occurred_at, id")
+    return {name: np.concatenate((ratings[name][by_time], feedback[name])) for name in names}
 
 
 def _rows(batch: Batch, positions: np.ndarray, user_ids: np.ndarray,
-          histories: dict[int, History]
-          ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """(interactions, seen) of a chunk, users x items: the snapshot train row merged with
-    the database history, as serve's plan merges them. A trained user without history in
-    the database (the common case) takes the train row as it is, gathered for all such
-    users at once; only the others are merged one by one."""
+          events: dict[str, np.ndarray]) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """(interactions, seen) of a chunk, users x items: each trained user's snapshot train
+    row, gathered for all at once, with the database `events` merged in after it as
+    serve's plan merges them (shared/history.py `merge_cells`, the array form of `merge`).
+    Movies the model lacks drop."""
     train, shape = batch.train, (len(user_ids), len(batch.items))
-    merged = np.fromiter((bool(histories.get(u)) for u in user_ids.tolist()), dtype=bool,
-                         count=user_ids.size) | (positions < 0)
-    plain = np.flatnonzero(~merged)
+    trained = np.flatnonzero(positions >= 0)
     lengths = np.zeros(user_ids.size, dtype=np.int64)
-    lengths[plain] = np.diff(train.indptr)[positions[plain]]
+    lengths[trained] = np.diff(train.indptr)[positions[trained]]
     indptr = np.concatenate(([0], np.cumsum(lengths)))
     # Where each row's cells sit in the train arrays: its train row start, then one by one.
-    source = (np.repeat(train.indptr[positions[plain]] - indptr[plain], lengths[plain])
+    source = (np.repeat(train.indptr[positions[trained]] - indptr[trained], lengths[trained])
               + np.arange(indptr[-1]))
     interactions = sp.csr_matrix((train.data[source].astype(np.float32),
                                   train.indices[source], indptr), shape=shape)
-    if not plain.size == user_ids.size:
-        extra, seen_only = _merged_rows(batch, positions, user_ids, histories,
-                                        np.flatnonzero(merged))
-        interactions = interactions + extra
-        if seen_only.nnz:
-            return interactions, (interactions.astype(bool) + seen_only.astype(bool)).tocsr()
-    return interactions, interactions
-
-
-def _merged_rows(batch: Batch, positions: np.ndarray, user_ids: np.ndarray,
-                 histories: dict[int, History], rows: np.ndarray
-                 ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """(interactions, items only seen) of the chunk's `rows` that merge a database history
-    into their train row (or have no train row), zero elsewhere."""
-    inter_rows, inter_cols, inter_vals, seen_rows, seen_cols = [], [], [], [], []
-    for row in rows.tolist():
-        values = merged_row(batch.train, int(positions[row]), batch.items,
-                            histories.get(int(user_ids[row])))
-        kept = {c: v for c, v in values.items() if v is not None}
-        inter_rows.append(np.full(len(kept), row, np.int32))
-        inter_cols.append(np.fromiter(kept, dtype=np.int32, count=len(kept)))
-        inter_vals.append(np.fromiter(kept.values(), dtype=np.float32, count=len(kept)))
-        only_seen = [c for c, v in values.items() if v is None]
-        seen_rows.append(np.full(len(only_seen), row, np.int32))
-        seen_cols.append(np.asarray(only_seen, dtype=np.int32))
-    shape = (len(user_ids), len(batch.items))
-
-    def csr(rows: list[np.ndarray], cols: list[np.ndarray], vals: np.ndarray | None
-            ) -> sp.csr_matrix:
-        r = np.concatenate(rows) if rows else np.empty(0, np.int32)
-        c = np.concatenate(cols) if cols else np.empty(0, np.int32)
-        v = np.ones(r.size, np.float32) if vals is None else vals
-        matrix = sp.csr_matrix((v, (r, c)), shape=shape)
-        matrix.sum_duplicates()
-        return matrix
-
-    return (csr(inter_rows, inter_cols,
-                np.concatenate(inter_vals) if inter_vals else np.empty(0, np.float32)),
-            csr(seen_rows, seen_cols, None))
+    if not events["user_id"].size:
+        return interactions, interactions
+    columns = batch.items.to_index(events["movie_id"], allow_unknown=True)
+    order = np.argsort(user_ids, kind="stable")
+    found = order[np.minimum(np.searchsorted(user_ids[order], events["user_id"]),
+                             user_ids.size - 1)]
+    keep = (user_ids[found] == events["user_id"]) & (columns >= 0)
+    return merge_cells(
+        np.concatenate((np.repeat(np.arange(user_ids.size), lengths), found[keep])),
+        np.concatenate((interactions.indices, columns[keep])),
+        np.concatenate((interactions.data, events["value"][keep])), shape)
 
 
 def score_chunk(batch: Batch, user_ids: np.ndarray, k: int, exclude_seen: bool,
                 mask: np.ndarray | None, whole_range: bool = False) -> pa.Table:
     """The rows of one chunk of users, in user order then rank (`whole_range`: as in
-    `read_histories`)."""
+    `read_events`)."""
     positions = batch.users.to_index(user_ids, allow_unknown=True)
-    interactions, seen = _rows(batch, positions, user_ids,
-                               read_histories(user_ids, whole_range))
+    interactions, seen = _rows(batch, positions, user_ids, read_events(user_ids, whole_range))
     has_history = np.diff(interactions.indptr) > 0
     popular = (positions < 0) & ~has_history
     ids = np.full((user_ids.size, k), -1, dtype=np.int64)

@@ -28,19 +28,22 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Ratings by time, then feedback by time with ties in arrival order (its id): the order
+# the batch lists merge in too (services/eval/batch.py).
 _HISTORY = text(
-    "SELECT movie_id, rating AS value, 'rating' AS type, 0 AS part, rated_at AS at "
+    "SELECT movie_id, rating AS value, 'rating' AS type, 0 AS part, "
+    "CAST(rated_at AS DOUBLE PRECISION) AS at, CAST(0 AS BIGINT) AS id "
     "FROM rating WHERE user_id = :user "
     "UNION ALL SELECT movie_id, value, type, 1 AS part, "
-    "CAST(EXTRACT(EPOCH FROM occurred_at) AS BIGINT) AS at FROM feedback WHERE user_id = :user "
-    "ORDER BY part, at"
+    "CAST(EXTRACT(EPOCH FROM occurred_at) AS DOUBLE PRECISION) AS at, id "
+    "FROM feedback WHERE user_id = :user ORDER BY part, at, id"
 )
 _HISTORY_ASYNCPG = _HISTORY.text.replace(":user", "$1")
 _HISTORY_SQLITE = text(
-    "SELECT movie_id, rating AS value, 'rating' AS type, 0 AS part, rated_at AS at "
+    "SELECT movie_id, rating AS value, 'rating' AS type, 0 AS part, rated_at AS at, 0 AS id "
     "FROM rating WHERE user_id = :user "
-    "UNION ALL SELECT movie_id, value, type, 1 AS part, occurred_at AS at FROM feedback "
-    "WHERE user_id = :user ORDER BY part, at"
+    "UNION ALL SELECT movie_id, value, type, 1 AS part, occurred_at AS at, id FROM feedback "
+    "WHERE user_id = :user ORDER BY part, at, id"
 )
 
 
@@ -86,7 +89,7 @@ class HistoryReader:
 
     def _history(self, rows: Iterable[Any]) -> History:
         history: History = {}
-        for movie_id, value, kind, _part, _at in rows:
+        for movie_id, value, kind, _part, _at, _id in rows:
             merge(history, int(movie_id), event_value(kind, value, self.implicit_rating))
         return history
 
