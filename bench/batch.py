@@ -17,9 +17,10 @@ Prints each stage's wall time and peak RSS (VmHWM), then one JSON object as its 
 
 Memory the batch holds beyond the interpreter is bounded, whatever the number of users, by
 24 bytes a train interaction (the snapshot's split, twice while its CSR is rebuilt), the
-float32 factors, one chunk's history (24 bytes an interaction), one score block of 2**24
-cells ranked in place (192 MB) and one chunk's rows (k x 32 bytes a user): the line
-"bound on batch memory" prints it for the run (705 MB at full size).
+float32 factors, two chunks' database events (20 bytes each), one chunk's merge (56 bytes
+a cell of its train rows and events), one score block of 2**24 cells ranked in place
+(192 MB) and one chunk's rows (k x 32 bytes a user): the line "bound on batch memory"
+prints it for the run (846 MB at full size).
 """
 
 from __future__ import annotations
@@ -222,12 +223,15 @@ def main() -> None:
         chunk = get_settings().batch_chunk_users
         nnz = int(refs["nnz"])
         # What the batch holds beyond the interpreter: the snapshot's train split (12 bytes
-        # an interaction, twice while the CSR is rebuilt), the factors, one chunk's history
-        # (interactions and seen, 24 bytes each), one score block of 2**24 cells ranked in
-        # place (4 bytes a float32 score, 8 its argpartition index) and one chunk's rows
-        # (k x 32 bytes a user).
+        # an interaction, twice while the CSR is rebuilt), the factors, two chunks' database
+        # events as read (20 bytes each: the next chunk's is read while one is scored), one
+        # chunk's merge (56 bytes a cell of its train rows and events: flat keys, their
+        # sort and the merged CSR), one score block of 2**24 cells ranked in place (4 bytes
+        # a float32 score, 8 its argpartition index) and one chunk's rows (k x 32 bytes a
+        # user). Every stored rating is one database event here.
         per_user = nnz / args.users
-        bound = (24 * nnz + 4 * FACTORS * (args.users + args.items) + 24 * per_user * chunk
+        bound = (24 * nnz + 4 * FACTORS * (args.users + args.items)
+                 + (2 * 20 + 56 * 2) * per_user * chunk
                  + 3 * 4 * (1 << 24) + 32 * K * chunk) / 2**20
         print(f"bound on batch memory beyond the interpreter: {bound:.0f} MB "
               f"(chunks of {chunk:,} users)")

@@ -73,7 +73,13 @@ def merge_cells(rows: np.ndarray, columns: np.ndarray, values: np.ndarray,
     # The first occurrence in the reversed events is each cell's last one.
     cells, last = np.unique(keys[valued][::-1], return_index=True)
     interactions = _cells_csr(cells, values[valued][::-1][last].astype(np.float32), shape)
-    only_seen = np.setdiff1d(keys[~valued], cells)
+    if valued.all():
+        return interactions, interactions
+    only_seen = np.unique(keys[~valued])
+    # `cells` is ascending: a viewed cell that also has a value is where searchsorted finds it.
+    found = np.minimum(np.searchsorted(cells, only_seen), max(cells.size - 1, 0))
+    if cells.size:
+        only_seen = only_seen[cells[found] != only_seen]
     if not only_seen.size:
         return interactions, interactions
     every = np.union1d(cells, only_seen)
