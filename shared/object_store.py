@@ -12,12 +12,14 @@ refused. Every failure to reach the store is one ArtifactError naming the URL.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -42,6 +44,7 @@ from shared.settings import Settings, get_settings
 CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
                     "InvalidToken", "ExpiredToken", "InvalidSecurity", "Forbidden"}
 MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+log = logging.getLogger(__name__)
 CHUNK = 4 << 20  # the download's unit of hashing and writing
 
 
@@ -84,6 +87,9 @@ class S3Store:
         self.cache = settings.resolved_artifact_cache_path / self.bucket / self.prefix
         self.client = s3_client(settings)
         part = settings.artifact_part_mb * 2**20
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="artifact-cache")
+        self._writes: dict[str, Future[None]] = {}
+        self._lock = threading.Lock()
         self.transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part,
                                        max_concurrency=8, use_threads=True)
 
@@ -172,47 +178,81 @@ class S3Store:
 
     def arrays_data(self, path: str, sha256: str) -> bytearray:
         cached = self.cache / path / ARRAYS
+        self._settle(path)
         if cached.exists():
             data = read_whole(cached)
             if hashlib.sha256(data).hexdigest() == sha256:
                 return data
             cached.unlink(missing_ok=True)  # damaged on this host: the store has it whole
+        data, actual = self._download(f"{path}/{ARRAYS}")
+        if actual != sha256:
+            raise checksum_mismatch(f"{self.url}/{path}", sha256, actual)
+        # The cache's copy is written behind the read: the caller has the verified bytes
+        # now, and the next read of `path` here waits for the copy (a copy cut short by the
+        # process's end is a .part file, never read).
+        with self._lock:
+            self._writes[path] = self._writer.submit(self._keep, cached, data)
+        return data
+
+    def _keep(self, cached: Path, data: bytearray) -> None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         partial = cached.with_name(f"{ARRAYS}.{uuid.uuid4().hex}.part")
         try:
-            data, actual = self._download(f"{path}/{ARRAYS}", partial)
-            if actual != sha256:
-                raise checksum_mismatch(f"{self.url}/{path}", sha256, actual)
+            with partial.open("wb", buffering=0) as handle:
+                write_all(handle, memoryview(data))
             os.replace(partial, cached)
         finally:
             partial.unlink(missing_ok=True)
-        return data
 
-    def _download(self, relative: str, target: Path) -> tuple[bytearray, str]:
-        """An object's bytes, also written to `target`; their sha256. Hashing and writing
-        each chunk run in threads of their own while the next chunk arrives (both release
-        the GIL), so neither adds its time after the download's."""
+    def _settle(self, path: str | None = None) -> None:
+        """Wait for the cache copy of `path` (every path: None) written behind a read; a
+        copy that failed (a full disk) only means the next read downloads again."""
+        with self._lock:
+            if path is None:
+                pending, self._writes = list(self._writes.values()), {}
+            else:
+                pending = [self._writes.pop(path)] if path in self._writes else []
+        for write in pending:
+            try:
+                write.result()
+            except OSError as error:
+                log.warning("artifact cache %s: copy not kept (%s)", self.cache, error)
+
+    def settle(self) -> None:
+        """Wait until every copy written behind a read is in the cache."""
+        self._settle()
+
+    def _download(self, relative: str) -> tuple[bytearray, str]:
+        """An object's bytes and their sha256, hashed in a thread of its own as they
+        arrive (hashlib releases the GIL), so hashing adds little after the download.
+        The body is read straight into the buffer where the HTTP response allows it."""
         digest = hashlib.sha256()
         with self.reaching(relative):
             response = self.client.get_object(Bucket=self.bucket, Key=self.key(relative))
             size, body = int(response["ContentLength"]), response["Body"]
+            # http.client's readinto fills the buffer from the socket, no copy in between;
+            # botocore's body (read(), then a copy) where the response is not http.client's.
+            raw = getattr(getattr(body, "_raw_stream", None), "_fp", None)
+            readinto = getattr(raw, "readinto", None)
             data = bytearray(size)
             view = memoryview(data)
-            with target.open("wb", buffering=0) as handle, \
-                    ThreadPoolExecutor(1) as hashing, ThreadPoolExecutor(1) as writing:
-                with suppress(OSError):  # blocks reserved at once: a faster write, if offered
-                    os.posix_fallocate(handle.fileno(), 0, size)
-                steps, received = [], 0
-                while received < size and (piece := body.read(min(CHUNK, size - received))):
-                    # read() and a copy cost less than urllib3's readinto, itself a read()
-                    # into a buffer of its own before the copy.
-                    chunk = view[received:received + len(piece)]
-                    chunk[:] = piece
-                    steps += [hashing.submit(digest.update, chunk),
-                              writing.submit(write_all, handle, chunk)]
-                    received += len(piece)
+            received = 0
+            with ThreadPoolExecutor(1) as hashing:
+                steps = []
+                while received < size:
+                    end = min(size, received + CHUNK)
+                    if readinto is not None:
+                        got = readinto(view[received:end])
+                    else:
+                        piece = body.read(end - received)
+                        got = len(piece)
+                        view[received:received + got] = piece
+                    if not got:
+                        break
+                    steps.append(hashing.submit(digest.update, view[received:received + got]))
+                    received += got
                 for step in steps:
-                    step.result()  # a failed write raises here
+                    step.result()
             if received < size:
                 raise ArtifactError(f"artifact {self.url}/{relative}: the download ended after "
                                     f"{received} of {size} bytes")

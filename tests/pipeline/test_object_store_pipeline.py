@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from shared.object_store import object_store
 from tests.conftest import recsys_command
 from tests.servers import PrivateSeaweedFS
 
@@ -50,5 +51,6 @@ def test_pipeline_trains_into_the_object_store_and_another_host_serves_it(
         answer = client.get("/recommendations/1", params={"k": 5}).json()
         assert answer["model_version"] == champion["version"] and len(answer["items"]) == 5
     # Serve downloaded the champion and its snapshot into its own cache, once.
+    object_store(url).settle()
     assert len(list(server_cache.rglob("arrays.npz"))) == 2
     assert not (tmp_path / "models").exists() and not (trainer / "models").exists()

@@ -17,6 +17,7 @@ from shared.artifacts import (
     read_manifest,
     write_artifact,
 )
+from shared.object_store import object_store
 from tests.servers import PrivateSeaweedFS
 
 
@@ -51,6 +52,7 @@ def test_round_trip_through_the_store(store: str, use_settings, tmp_path: Path, 
     assert (arrays_to_csr("m", loaded) != matrix).nnz == 0
     assert loaded["names"].tolist() == ["a", "bé"]
     assert read_manifest(ref.path)["arrays"]["ids"] == {"dtype": "int64", "shape": [5]}
+    object_store(store).settle()  # the cache's copy is written behind the read
     assert (cache / s3_bucket / "recsys" / ref.path / "arrays.npz").exists()
     assert not (tmp_path / "models").exists()  # nothing on a local MODEL_PATH
 
@@ -93,6 +95,7 @@ def test_a_damaged_cached_copy_is_fetched_again(store: str, use_settings,  # typ
     cached.write_bytes(cached.read_bytes() + b"damaged")
     loaded, _ = read_artifact(ref.path, ref.sha256)
     assert loaded["w"].tolist() == list(range(50))
+    object_store(store).settle()
     assert not cached.read_bytes().endswith(b"damaged")
 
 
