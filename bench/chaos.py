@@ -140,8 +140,11 @@ def ingest_worker(env: Mapping[str, str], log: Path) -> Iterator[subprocess.Pope
 class Load:
     """Requests in a loop on a thread until stopped; counts answers by kind."""
 
-    def __init__(self, request: Callable[[httpx.Client, int], httpx.Response]) -> None:
+    def __init__(self, request: Callable[[httpx.Client, int], httpx.Response],
+                 api_key: str = API_KEY, interval: float = 0.01) -> None:
         self.request = request
+        self.api_key = api_key
+        self.interval = interval
         self.sent = 0
         self.accepted: list[int] = []  # request numbers answered 2xx
         self.server_errors = 0
@@ -150,7 +153,7 @@ class Load:
         self._thread = threading.Thread(target=self._run, name="chaos-load", daemon=True)
 
     def _run(self) -> None:
-        with httpx.Client(headers={"X-API-Key": API_KEY}, timeout=30) as client:
+        with httpx.Client(headers={"X-API-Key": self.api_key}, timeout=30) as client:
             while not self._stop.is_set():
                 number = self.sent
                 self.sent += 1
@@ -164,7 +167,7 @@ class Load:
                     self.server_errors += 1
                 elif response.status_code < 300:
                     self.accepted.append(number)
-                time.sleep(0.01)  # a steady trickle, not a flood, on a shared machine
+                time.sleep(self.interval)  # a steady trickle, not a flood, on a shared machine
 
     def __enter__(self) -> Load:
         self._thread.start()

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.chaos import Load, malformed_bodies
 from tests.compose_stack import (
     API_KEY,
     COMPOSE_FILES,
@@ -85,6 +87,81 @@ def test_feedback_with_the_api_key_is_stored_in_the_compose_postgres(stack: Stac
     row = wait_for(lambda: stack.sql(query), timeout=60, interval=1,
                    what="the feedback row in the compose Postgres")
     assert row == "1|1|rating|4"
+
+
+def stored_per_user(stack: Stack, first_user: int) -> dict[int, int]:
+    """Feedback rows per user from `first_user` on, in the compose Postgres."""
+    text = stack.sql(f"SELECT user_id || ':' || count(*) FROM feedback WHERE user_id >= "
+                     f"{first_user} GROUP BY user_id")
+    return {int(user): int(count) for user, count in
+            (line.split(":") for line in text.splitlines() if ":" in line)}
+
+
+def restart_under_feedback(stack: Stack, service: str, first_user: int,
+                           outage: float = 8.0) -> dict[str, Any]:
+    """POST /feedback (one event per request, user `first_user` + request number) while
+    the compose `service` stops for `outage` seconds and starts again; the counts once
+    every accepted event is stored or two minutes have passed."""
+    url = stack.url("serve", "")
+
+    def request(client: httpx.Client, number: int) -> httpx.Response:
+        return client.post(url + "/feedback", json={"user_id": first_user + number,
+                                                    "movie_id": 1 + number % 1000,
+                                                    "type": "click"})
+
+    # Ten events a second: through both restarts fewer than RETRAIN_MIN_FEEDBACK (1,000),
+    # so the policy starts no retrain under the tests that follow.
+    with Load(request, API_KEY, interval=0.1) as load:
+        time.sleep(3)
+        began = time.monotonic()
+        stack.compose("stop", service, timeout=300)
+        time.sleep(outage)
+        stack.compose("start", service, timeout=300)
+        outage_s = time.monotonic() - began
+        time.sleep(3)
+    accepted = {first_user + n for n in load.accepted}
+    stored = wait_for(lambda: (lambda rows: rows if accepted <= rows.keys() else None)(
+        stored_per_user(stack, first_user)), timeout=120, interval=2,
+        what=f"every feedback event accepted across the {service} restart stored")
+    counts = {"sent": load.sent, "accepted": len(accepted),
+              "persisted": sum(1 for user in accepted if user in stored),
+              "lost": sum(1 for user in accepted if user not in stored),
+              "duplicated": sum(stored[user] - 1 for user in accepted if user in stored),
+              "5xx": load.server_errors, "outage_s": round(outage_s, 1)}
+    stack.say({"compose_chaos": f"feedback_{service}_restart", **counts})
+    return counts
+
+
+@pytest.mark.parametrize(("service", "first_user"), [("rabbitmq", 2_000_000),
+                                                      ("postgres", 3_000_000)])
+def test_feedback_across_a_restart_in_compose(stack: Stack, service: str,
+                                              first_user: int) -> None:
+    counts = restart_under_feedback(stack, service, first_user)
+    assert counts["accepted"] > 0 and counts["persisted"] == counts["accepted"], counts
+    assert (counts["lost"], counts["duplicated"], counts["5xx"]) == (0, 0, 0), counts
+    wait_for(lambda: {s["Service"]: s["Health"] for s in stack.services()}[service]
+             == "healthy", timeout=180, interval=3, what=f"the restarted {service} healthy")
+
+
+def test_recommendations_across_a_redis_restart_in_compose(stack: Stack) -> None:
+    url = stack.url("serve", "")
+
+    def request(client: httpx.Client, number: int) -> httpx.Response:
+        return client.get(url + f"/recommendations/{1 + number % 900}", params={"k": 10})
+
+    with Load(request, API_KEY) as load:
+        time.sleep(3)
+        began = time.monotonic()
+        stack.compose("stop", "redis", timeout=300)
+        time.sleep(8)
+        stack.compose("start", "redis", timeout=300)
+        outage_s = time.monotonic() - began
+        time.sleep(3)
+    counts = {"sent": load.sent, "answered": len(load.accepted), "5xx": load.server_errors,
+              "connection_errors": load.connection_errors, "outage_s": round(outage_s, 1)}
+    stack.say({"compose_chaos": "recommendations_redis_restart", **counts})
+    assert counts["answered"] == counts["sent"] > 0, counts
+    assert counts["5xx"] == counts["connection_errors"] == 0, counts
 
 
 def test_flower_asks_for_credentials(stack: Stack) -> None:
@@ -157,6 +234,57 @@ def test_a_worker_killed_mid_task_comes_back_and_the_task_completes_once(
     assert int(stack.sql("SELECT count(*) FROM model_version")) == before + 1
     wait_for(lambda: {s["Service"]: s["Health"] for s in stack.services()}["train"]
              == "healthy", timeout=180, interval=5, what="the restarted train worker healthy")
+
+
+def test_malformed_requests_get_no_5xx_in_compose(stack: Stack) -> None:
+    url = stack.url("serve", "")
+    sent, failing = 0, []
+    with httpx.Client(headers={"X-API-Key": API_KEY, "Content-Type": "application/json"},
+                      timeout=60) as client:
+        for method, path, body in malformed_bodies():
+            sent += 1
+            try:
+                status = client.request(method, url + path, content=body).status_code
+            except httpx.HTTPError as error:
+                failing.append(f"{method} {path[:60]} -> {type(error).__name__}")
+                continue
+            if status >= 500 or status < 300:
+                failing.append(f"{method} {path[:60]} {(body or b'')[:60]!r} -> {status}")
+    stack.say({"compose_chaos": "malformed_requests", "sent": sent, "failing": len(failing)})
+    assert sent > 100 and not failing, failing
+
+
+def test_hot_swap_under_load_in_compose(stack: Stack) -> None:
+    """Recommendations answer 200 throughout while another version is promoted (the kill
+    test registered one: the latest als version is not the champion)."""
+    champion = stack.champion()
+    assert champion is not None
+    other = int(stack.sql("SELECT max(version) FROM model_version WHERE version <> "
+                          f"{champion['model_version']}"))
+    url = stack.url("serve", "")
+    served: set[int] = set()
+
+    def request(client: httpx.Client, number: int) -> httpx.Response:
+        response = client.get(f"{url}/recommendations/{1 + number % 40}",
+                              params={"k": 10, "offset": number % 3})
+        if response.status_code == 200:
+            served.add(int(response.json()["model_version"]))
+        return response
+
+    with Load(request, API_KEY) as load:
+        time.sleep(3)
+        moved = httpx.post(f"{url}/models/{other}/promote", json={"reason": "compose chaos"},
+                           headers={"X-API-Key": API_KEY}, timeout=60)
+        assert moved.status_code < 300, moved.text
+        wait_for(lambda: other in served, timeout=120, interval=0.5,
+                 what=f"serve to answer with v{other}")
+        time.sleep(3)
+    counts = {"sent": load.sent, "answered": len(load.accepted), "5xx": load.server_errors,
+              "connection_errors": load.connection_errors, "versions_served": sorted(served)}
+    stack.say({"compose_chaos": "hot_swap_under_load", **counts})
+    assert served == {champion["model_version"], other}, counts
+    assert counts["answered"] == counts["sent"] and counts["5xx"] == 0, counts
+    assert counts["connection_errors"] == 0, counts
 
 
 def test_down_then_up_keeps_the_champion_and_the_rows(stack: Stack) -> None:
