@@ -12,6 +12,7 @@ refused. Every failure to reach the store is one ArtifactError naming the URL.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import shutil
@@ -239,20 +240,27 @@ class S3Store:
             received = 0
             with ThreadPoolExecutor(1) as hashing:
                 steps = []
-                while received < size:
-                    end = min(size, received + CHUNK)
-                    if readinto is not None:
-                        got = readinto(view[received:end])
-                    else:
-                        piece = body.read(end - received)
-                        got = len(piece)
-                        view[received:received + got] = piece
-                    if not got:
-                        break
-                    steps.append(hashing.submit(digest.update, view[received:received + got]))
-                    received += got
-                for step in steps:
-                    step.result()
+                try:
+                    while received < size:
+                        end = min(size, received + CHUNK)
+                        if readinto is not None:
+                            got = readinto(view[received:end])
+                        else:
+                            piece = body.read(end - received)
+                            got = len(piece)
+                            view[received:received + got] = piece
+                        if not got:
+                            break
+                        steps.append(hashing.submit(digest.update,
+                                                    view[received:received + got]))
+                        received += got
+                except (OSError, http.client.HTTPException) as error:  # the socket's own
+                    raise ArtifactError(f"artifact {self.url}/{relative}: the download "
+                                        f"failed after {received} of {size} bytes "
+                                        f"({type(error).__name__}: {error})") from None
+                finally:
+                    for step in steps:
+                        step.result()
             if received < size:
                 raise ArtifactError(f"artifact {self.url}/{relative}: the download ended after "
                                     f"{received} of {size} bytes")
