@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -188,52 +189,248 @@ def test_prometheus_scrapes_every_worker(stack: Stack) -> None:
     assert targets() == dict.fromkeys(WORKERS, "up")
 
 
-def active_train_tasks(stack: Stack) -> list[dict[str, Any]]:
-    """What the train worker's pool runs now, asked of its own node."""
-    result = stack.compose("exec", "-T", "train", "sh", "-c",
+def active_tasks(stack: Stack, service: str, task: str) -> list[dict[str, Any]]:
+    """The `task`s a worker's pool runs now, asked of the worker's own node."""
+    result = stack.compose("exec", "-T", service, "sh", "-c",
                            "celery -A shared.celery_app:app inspect active -j "
-                           "-d train@$HOSTNAME --timeout 10", check=False)
+                           f"-d {service}@$HOSTNAME --timeout 10", check=False)
     if result.returncode != 0:
         return []
     start = result.stdout.find("{")
     replies = json.loads(result.stdout[start:]) if start >= 0 else {}
-    return [task for tasks in replies.values() for task in tasks]
+    return [t for tasks in replies.values() for t in tasks if t["name"] == task]
+
+
+def restarts(container: str) -> int:
+    text = subprocess.run(["docker", "inspect", "-f", "{{.RestartCount}}", container],
+                          capture_output=True, text=True).stdout.strip()
+    return int(text) if text.isdigit() else 0
+
+
+def crash(stack: Stack, service: str) -> None:
+    """SIGKILL to the service container's init from the host, then Docker's restart of it.
+    Docker sees a crash (a `docker kill` would count as a stop, which the restart policy
+    honours); the worker's unacknowledged task goes back to its queue with its connection."""
+    (container,) = stack.compose("ps", "-q", service).stdout.split()
+    before = restarts(container)
+    pid = int(subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", container],
+                             capture_output=True, text=True, check=True).stdout)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: restarts(container) > before, timeout=60, interval=1,
+             what=f"Docker to restart the killed {service} container")
+
+
+class Hold:
+    """A transaction of the test's own in the compose Postgres (psql kept open in its
+    container) that makes a task wait half-way, so the kill lands mid-task whatever the
+    machine's speed; rolled back on release."""
+
+    def __init__(self, stack: Stack, sql: str) -> None:
+        self.process = subprocess.Popen(
+            stack.argv("exec", "-T", "postgres", "psql", "-U", "recsys", "-d", "recsys",
+                       "-q", "-v", "ON_ERROR_STOP=1"),
+            env=stack.env, cwd=PROJECT_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(f"\\o /dev/null\nBEGIN;\n{sql};\n\\echo held\n")
+        self.process.stdin.flush()
+        if self.process.stdout.readline().strip() != "held":
+            _, err = self.process.communicate(timeout=30)
+            pytest.fail(f"the hold `{sql}` was refused: {err}")
+
+    def release(self) -> None:
+        if self.process.poll() is None:
+            self.process.communicate("ROLLBACK;\n", timeout=60)
+
+
+def kill_mid_task(stack: Stack, service: str, task: str, command: list[str],
+                  runner: str = "ingest", hold: str | None = None,
+                  half_done: str | None = None) -> tuple[str, float]:
+    """Run `command` in the `runner` container (it sends `task` to `service`'s queue and
+    waits for it), crash `service`'s container while the task runs (behind `hold`, once
+    the SQL `half_done` is true), and wait for the command: its stdout and the seconds
+    from the kill to its end."""
+    held = Hold(stack, hold) if hold else None
+    process = subprocess.Popen(stack.argv("exec", "-T", runner, *command), env=stack.env,
+                               cwd=PROJECT_DIR, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        running = wait_for(lambda: active_tasks(stack, service, task), timeout=600,
+                           interval=1, what=f"{task} to run on the {service} worker")
+        assert running, running
+        if half_done:
+            wait_for(lambda: stack.sql(half_done) == "t", timeout=300, interval=1,
+                     what=f"{task} to be half done")
+        began = time.monotonic()
+        crash(stack, service)
+        if held:
+            held.release()
+        out, err = process.communicate(timeout=1200)
+        recovered = time.monotonic() - began
+    finally:
+        if held:
+            held.release()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, f"{task} failed after the kill:\n{err[-3000:]}"
+    wait_for(lambda: {s["Service"]: s["Health"] for s in stack.services()}[service]
+             == "healthy", timeout=180, interval=5, what=f"the restarted {service} healthy")
+    return out, recovered
+
+
+def say_killed(stack: Stack, service: str, counts: dict[str, int], outage_s: float) -> None:
+    stack.say({"compose_chaos": f"{service}_worker_killed", "sent": 1, "accepted": 1,
+               **counts, "5xx": 0, "outage_s": round(outage_s, 1)})
+
+
+def offset_ml100k(source: Path, target: Path, offset: int) -> Path:
+    """A copy of ML-100K whose users are `offset` further on: a new batch for ingest."""
+    shutil.copytree(source, target)
+    for name, separator in (("u.data", "\t"), ("u.user", "|")):
+        lines = (source / name).read_text(encoding="latin-1").splitlines()
+        (target / name).write_text("".join(
+            separator.join([str(int(first) + offset), rest]) + "\n"
+            for first, rest in (line.split(separator, 1) for line in lines if line)),
+            encoding="latin-1")
+    return target
+
+
+def test_the_ingest_worker_killed_during_a_load_loads_the_batch_once(
+        stack: Stack, ml100k: Path, tmp_path: Path) -> None:
+    copy = offset_ml100k(ml100k, tmp_path / "ml-100k-more", offset=10_000)
+    stack.compose("cp", str(copy), "ingest:/tmp/ml-100k-more")
+    before = stack.counts()
+    # The ratings table held in SHARE mode: the load waits at its COPY, inside its one
+    # transaction, after the batch row and the movies.
+    out, outage = kill_mid_task(
+        stack, "ingest", "ingest.load",
+        ["recsys", "ingest", "--source", "/tmp/ml-100k-more", "--json"], runner="transform",
+        hold="LOCK TABLE rating IN SHARE MODE")
+    loaded = json.loads(out[out.index("{"):])
+    after = stack.counts()
+    batches = after["ingest_batch"] - before["ingest_batch"]
+    counts = {"persisted": int(batches >= 1), "lost": int(batches == 0),
+              "duplicated": max(batches - 1, 0)}
+    say_killed(stack, "ingest", counts, outage)
+    assert loaded["status"] == "loaded" and loaded["ratings"] == 100_000, loaded
+    assert batches == 1 and after["rating"] - before["rating"] == 100_000, (before, after)
+    assert stack.sql("SELECT count(*) FROM ingest_batch WHERE status <> 'loaded'") == "0"
+
+
+def test_the_transform_worker_killed_mid_snapshot_records_it_once(stack: Stack) -> None:
+    before = int(stack.sql("SELECT count(*) FROM snapshot"))
+    # The snapshot table locked against inserts: the task waits with its arrays written.
+    out, outage = kill_mid_task(stack, "transform", "transform.snapshot",
+                                ["recsys", "pipeline", "--stages", "transform", "--json"],
+                                hold="LOCK TABLE snapshot IN EXCLUSIVE MODE")
+    made = int(stack.sql("SELECT count(*) FROM snapshot")) - before
+    say_killed(stack, "transform", {"persisted": int(made >= 1), "lost": int(made == 0),
+                                    "duplicated": max(made - 1, 0)}, outage)
+    latest = stack.sql("SELECT id FROM snapshot ORDER BY created_at DESC LIMIT 1")
+    assert made == 1 and json.loads(out[out.index("{"):])["snapshot"] == latest, out
+
+
+def versions_per_algorithm(stack: Stack) -> dict[str, int]:
+    text = stack.sql("SELECT algorithm || ':' || count(*) FROM model_version GROUP BY algorithm")
+    return {name: int(count) for name, count in
+            (line.split(":") for line in text.splitlines() if ":" in line)}
 
 
 def test_a_worker_killed_mid_task_comes_back_and_the_task_completes_once(
         stack: Stack) -> None:
+    """kill -9 of the train worker mid-tuning: the retrain registers one version."""
     before = int(stack.sql("SELECT count(*) FROM model_version"))
-    (container,) = stack.compose("ps", "-q", "train").stdout.split()
-    # A retrain of one algorithm on the snapshot bootstrap made, from the ingest container
-    # (it waits for the chain), with enough trials that the kill lands inside train.tune.
-    retrain = subprocess.Popen(
-        stack.argv("exec", "-T", "ingest", "recsys", "pipeline", "--stages", "train,register",
-                   "--algorithms", "als", "--trials", "40", "--json"),
-        env=stack.env, cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
-    try:
-        running = wait_for(lambda: active_train_tasks(stack), timeout=300, interval=1,
-                           what="train.tune to run on the train worker")
-        assert running[0]["name"] == "train.tune", running
-        # SIGKILL to the container's init from the host: Docker sees a crash (a
-        # `docker kill` would count as a stop, which the restart policy honours).
-        pid = int(subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", container],
-                                 capture_output=True, text=True, check=True).stdout)
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: subprocess.run(
-            ["docker", "inspect", "-f", "{{.RestartCount}}", container],
-            capture_output=True, text=True).stdout.strip() not in {"", "0"},
-            timeout=60, interval=1, what="Docker to restart the killed train container")
-        out, err = retrain.communicate(timeout=1200)
-    finally:
-        if retrain.poll() is None:
-            retrain.kill()
-    assert retrain.returncode == 0, f"the retrain failed after the kill:\n{err[-3000:]}"
+    # A retrain of one algorithm on the newest snapshot, with enough trials that the kill
+    # lands inside train.tune.
+    out, outage = kill_mid_task(stack, "train", "train.tune", [
+        "recsys", "pipeline", "--stages", "train,register", "--algorithms", "als",
+        "--trials", "40", "--json"])
+    made = int(stack.sql("SELECT count(*) FROM model_version")) - before
+    say_killed(stack, "train", {"persisted": int(made >= 1), "lost": int(made == 0),
+                                "duplicated": max(made - 1, 0)}, outage)
     summary = json.loads(out[out.index("{"):])
     assert [t["algorithm"] for t in summary["trained"]] == ["als"]
-    assert int(stack.sql("SELECT count(*) FROM model_version")) == before + 1
-    wait_for(lambda: {s["Service"]: s["Health"] for s in stack.services()}["train"]
-             == "healthy", timeout=180, interval=5, what="the restarted train worker healthy")
+    assert made == 1
+
+
+REGISTERED = ("popular", "itemknn_cosine")
+
+
+def test_the_registry_worker_killed_between_two_versions_registers_each_once(
+        stack: Stack) -> None:
+    before = versions_per_algorithm(stack)
+    top = int(stack.sql("SELECT coalesce(max(version), 0) FROM model_version"))
+    snapshot = stack.sql("SELECT id FROM snapshot ORDER BY created_at DESC LIMIT 1")
+    # An uncommitted version top + 2: the task registers its first model as top + 1 and
+    # commits, then its second waits on the unique (name, version) index.
+    hold = ("INSERT INTO model_version (name, version, algorithm, params, snapshot_id, "
+            "metrics, artifact_path, sha256, fit_key, created_at) VALUES ('recsys', "
+            f"{top + 2}, 'hold', '{{}}', '{snapshot}', '{{}}', '', '', 'compose-chaos-hold', "
+            "now())")
+    _, outage = kill_mid_task(
+        stack, "registry", "registry.register",
+        ["recsys", "pipeline", "--stages", "train,register", "--algorithms",
+         ",".join(REGISTERED), "--trials", "1", "--json"],
+        hold=hold, half_done=f"SELECT count(*) > {top} FROM model_version")
+    after = versions_per_algorithm(stack)
+    made = {name: after.get(name, 0) - before.get(name, 0) for name in REGISTERED}
+    counts = {"persisted": sum(1 for n in made.values() if n >= 1),
+              "lost": sum(1 for n in made.values() if n == 0),
+              "duplicated": sum(max(n - 1, 0) for n in made.values())}
+    say_killed(stack, "registry", counts, outage)
+    assert made == dict.fromkeys(REGISTERED, 1), (before, after)
+    assert sum(after.values()) == sum(before.values()) + 2, (before, after)
+
+
+# eval.offline sent straight to the eval queue with the given versions, as the pipeline's
+# register stage hands them on; it prints what the task returned.
+EVALUATE = """
+import json, sys
+from services.registry.registry import get_version
+from services.transform.snapshot import describe
+from shared.celery_app import app
+from shared.db import Snapshot, session_scope
+versions = [get_version(int(v)) for v in sys.argv[1:]]
+with session_scope() as session:
+    snapshot = describe(session.get(Snapshot, versions[0]["snapshot"]))
+registered = [v | {"snapshot_artifact": snapshot} for v in versions]
+result = app.signature("eval.offline", args=(registered,), queue="eval").apply_async()
+print(json.dumps(result.get(timeout=900)))
+"""
+
+
+def test_the_eval_worker_killed_between_two_versions_stores_each_figure_once(
+        stack: Stack) -> None:
+    first, second = sorted(int(v) for v in stack.sql(
+        "SELECT version FROM model_version ORDER BY version DESC LIMIT 2").split())
+    figures = f"SELECT metrics::text FROM model_version WHERE version = {first}"
+    before_first = stack.sql(figures)
+    versions = int(stack.sql("SELECT count(*) FROM model_version"))
+    moves = int(stack.sql("SELECT count(*) FROM alias_change"))
+    # The second version's row locked: its figures wait, the first version's are stored.
+    out, outage = kill_mid_task(
+        stack, "eval", "eval.offline",
+        ["python", "-c", EVALUATE, str(first), str(second)],
+        hold=f"SELECT 1 FROM model_version WHERE version = {second} FOR UPDATE",
+        half_done=f"SELECT metrics::text <> {quote(before_first)} FROM model_version "
+                  f"WHERE version = {first}")
+    returned = {m["version"]: m["metrics"] for m in json.loads(out.splitlines()[-1])["models"]}
+    stored = {v: json.loads(stack.sql(f"SELECT metrics::text FROM model_version WHERE "
+                                      f"version = {v}")) for v in returned}
+    kept = {v: all(stored[v].get(key) == value for key, value in returned[v].items())
+            for v in returned}
+    extra = (int(stack.sql("SELECT count(*) FROM model_version")) - versions
+             + int(stack.sql("SELECT count(*) FROM alias_change")) - moves)
+    counts = {"persisted": sum(kept.values()), "lost": len(kept) - sum(kept.values()),
+              "duplicated": extra}
+    say_killed(stack, "eval", counts, outage)
+    assert sorted(returned) == [first, second] and all(kept.values()), (returned, stored)
+    assert extra == 0, counts
+
+
+def quote(text: str) -> str:
+    """`text` as an SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 def test_malformed_requests_get_no_5xx_in_compose(stack: Stack) -> None:
@@ -256,7 +453,7 @@ def test_malformed_requests_get_no_5xx_in_compose(stack: Stack) -> None:
 
 def test_hot_swap_under_load_in_compose(stack: Stack) -> None:
     """Recommendations answer 200 throughout while another version is promoted (the kill
-    test registered one: the latest als version is not the champion)."""
+    tests registered others: the newest is not the champion)."""
     champion = stack.champion()
     assert champion is not None
     other = int(stack.sql("SELECT max(version) FROM model_version WHERE version <> "
