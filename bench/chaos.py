@@ -367,6 +367,32 @@ def malformed_bodies() -> list[tuple[str, str, bytes | None]]:
     return bodies
 
 
+def send_malformed(url: str, api_key: str = API_KEY) -> tuple[dict[str, int], list[str]]:
+    """Every malformed request against the serve at `url`: counts by kind of answer, and a
+    line for each that was accepted (2xx), failed (5xx) or got no answer."""
+    counts = dict.fromkeys(("sent", "accepted", "5xx", "connection_errors"), 0)
+    failing: list[str] = []
+    with httpx.Client(headers={"X-API-Key": api_key, "Content-Type": "application/json"},
+                      timeout=60) as client:
+        for method, path, body in malformed_bodies():
+            counts["sent"] += 1
+            try:
+                response = client.request(method, url + path, content=body)
+            except httpx.HTTPError as error:
+                counts["connection_errors"] += 1
+                failing.append(f"{method} {path[:60]} -> {type(error).__name__}")
+                continue
+            if response.status_code >= 500:
+                counts["5xx"] += 1
+                failing.append(f"{method} {path[:60]} {(body or b'')[:60]!r} -> "
+                               f"{response.status_code}")
+            elif response.status_code < 300:
+                counts["accepted"] += 1
+                failing.append(f"{method} {path[:60]} {(body or b'')[:60]!r} -> "
+                               f"{response.status_code} (accepted)")
+    return counts, failing
+
+
 def malformed_requests(admin_url: str, redis_url: str, data: Path = DEFAULT_DATA
                        ) -> dict[str, Any]:
     """Bad bodies and parameters against serve with a champion: none may answer 5xx."""
@@ -377,35 +403,16 @@ def malformed_requests(admin_url: str, redis_url: str, data: Path = DEFAULT_DATA
         env = base_env(work, DATABASE_URL=database, BROKER_URL=broker.url, REDIS_URL=redis_url)
         build_champion(env, data)
         url = stack.enter_context(serve(env, work / "serve.log"))
-        sent = accepted = server_errors = connection_errors = 0
-        failing: list[str] = []
-        with httpx.Client(headers={"X-API-Key": API_KEY, "Content-Type": "application/json"},
-                          timeout=60) as client:
-            for method, path, body in malformed_bodies():
-                sent += 1
-                try:
-                    response = client.request(method, url + path, content=body)
-                except httpx.HTTPError as error:
-                    connection_errors += 1
-                    failing.append(f"{method} {path[:60]} -> {type(error).__name__}")
-                    continue
-                if response.status_code >= 500:
-                    server_errors += 1
-                    failing.append(f"{method} {path[:60]} {(body or b'')[:60]!r} -> "
-                                   f"{response.status_code}")
-                elif response.status_code < 300:
-                    accepted += 1
-                    failing.append(f"{method} {path[:60]} {(body or b'')[:60]!r} -> "
-                                   f"{response.status_code} (accepted)")
+        counts, failing = send_malformed(url)
         for line in failing:
             print(f"  malformed: {line}")
         errors = [line for line in (work / "serve.log").read_text(errors="replace").splitlines()
                   if "Error" in line and not line.startswith(" ")]
         for line in errors[-5:]:
             print(f"  serve log: {line[:200]}")
-        return {"sent": sent, "accepted": accepted, "persisted": 0, "lost": 0,
-                "duplicated": 0, "5xx": server_errors, "connection_errors": connection_errors,
-                "outage_s": 0.0}
+        return {"sent": counts["sent"], "accepted": counts["accepted"], "persisted": 0,
+                "lost": 0, "duplicated": 0, "5xx": counts["5xx"],
+                "connection_errors": counts["connection_errors"], "outage_s": 0.0}
 
 
 def _versions(database_url: str) -> dict[str, int]:
@@ -420,6 +427,20 @@ def _versions(database_url: str) -> dict[str, int]:
         return found
     finally:
         conn.close()
+
+
+def recommendations_noting_versions(url: str, served: set[int]
+                                    ) -> Callable[[httpx.Client, int], httpx.Response]:
+    """GET /recommendations of users 1-40 in turn, each version that answered added to
+    `served`."""
+    def request(client: httpx.Client, number: int) -> httpx.Response:
+        response = client.get(f"{url}/recommendations/{1 + number % 40}",
+                              params={"k": 10, "offset": number % 3})
+        if response.status_code == 200:
+            served.add(int(response.json()["model_version"]))
+        return response
+
+    return request
 
 
 def hot_swap_under_load(admin_url: str, redis_url: str, steady: float = 2.0,
@@ -439,16 +460,8 @@ def hot_swap_under_load(admin_url: str, redis_url: str, steady: float = 2.0,
                                     work / "registry.log"))
         url = stack.enter_context(serve(env, work / "serve.log"))
         served: set[int] = set()
-
-        def request(client: httpx.Client, number: int) -> httpx.Response:
-            response = client.get(f"{url}/recommendations/{1 + number % 40}",
-                                  params={"k": 10, "offset": number % 3})
-            if response.status_code == 200:
-                served.add(int(response.json()["model_version"]))
-            return response
-
         began = time.monotonic()
-        with Load(request) as load:
+        with Load(recommendations_noting_versions(url, served)) as load:
             time.sleep(steady)
             with httpx.Client(headers={"X-API-Key": API_KEY}, timeout=60) as admin:
                 moved = admin.post(f"{url}/models/{other}/promote", json={"reason": "chaos"})
@@ -497,7 +510,7 @@ def _rows(database_url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tup
         conn.close()
 
 
-def _one_each(made: Mapping[Any, int], expected: list[Any]) -> dict[str, int]:
+def one_each(made: Mapping[Any, int], expected: list[Any]) -> dict[str, int]:
     """persisted/lost/duplicated of things each expected exactly once."""
     return {"persisted": sum(1 for key in expected if made.get(key, 0) >= 1),
             "lost": sum(1 for key in expected if made.get(key, 0) == 0),
@@ -548,11 +561,11 @@ def _versions_per_algorithm(database: str) -> dict[str, int]:
 
 def _kill_train(database: str, inputs: Any, result: Any, before: Any) -> dict[str, int]:
     # train.tune | registry.register: one new version per algorithm, not one per attempt.
-    return _one_each(_versions_per_algorithm(database), ["popular", "als"])
+    return one_each(_versions_per_algorithm(database), ["popular", "als"])
 
 
 def _kill_registry(database: str, inputs: Any, result: Any, before: Any) -> dict[str, int]:
-    return _one_each(_versions_per_algorithm(database), [t["algorithm"] for t in inputs])
+    return one_each(_versions_per_algorithm(database), [t["algorithm"] for t in inputs])
 
 
 def _kill_eval(database: str, inputs: Any, result: Any, before: Any) -> dict[str, int]:
@@ -564,7 +577,7 @@ def _kill_eval(database: str, inputs: Any, result: Any, before: Any) -> dict[str
                              for key, value in returned[version].items()))
             for version in returned}
     extra = (len(stored) - len(before)) + _count(database, "SELECT count(*) FROM alias_change")
-    counts = _one_each(made, list(returned))
+    counts = one_each(made, list(returned))
     counts["duplicated"] += extra
     return counts
 
@@ -584,9 +597,9 @@ class KillTask:
 
 
 KILL_TASKS: dict[str, KillTask] = {
-    "ingest": KillTask("ingest.load", ("ingest",), lambda db, *_: _one_each(
+    "ingest": KillTask("ingest.load", ("ingest",), lambda db, *_: one_each(
         {"batch": _count(db, "SELECT count(*) FROM ingest_batch")}, ["batch"])),
-    "transform": KillTask("transform.snapshot", ("transform",), lambda db, *_: _one_each(
+    "transform": KillTask("transform.snapshot", ("transform",), lambda db, *_: one_each(
         {"snapshot": _count(db, "SELECT count(*) FROM snapshot")}, ["snapshot"])),
     "train": KillTask("train.tune", ("train", "registry"), _kill_train,
                       kwargs={"algorithms": ["popular", "als"], "n_trials": 4},

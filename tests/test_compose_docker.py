@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.chaos import Load, malformed_bodies
+from bench.chaos import Load, one_each, recommendations_noting_versions, send_malformed
 from tests.compose_stack import (
     API_KEY,
     COMPOSE_FILES,
@@ -90,12 +90,23 @@ def test_feedback_with_the_api_key_is_stored_in_the_compose_postgres(stack: Stac
     assert row == "1|1|rating|4"
 
 
+def counts_by(stack: Stack, column: str, table: str, where: str = "TRUE") -> dict[str, int]:
+    """Rows of a compose Postgres `table` per value of `column`."""
+    text = stack.sql(f"SELECT {column} || ':' || count(*) FROM {table} WHERE {where} "
+                     f"GROUP BY {column}")
+    return {value: int(count) for value, count in
+            (line.rsplit(":", 1) for line in text.splitlines() if ":" in line)}
+
+
 def stored_per_user(stack: Stack, first_user: int) -> dict[int, int]:
     """Feedback rows per user from `first_user` on, in the compose Postgres."""
-    text = stack.sql(f"SELECT user_id || ':' || count(*) FROM feedback WHERE user_id >= "
-                     f"{first_user} GROUP BY user_id")
-    return {int(user): int(count) for user, count in
-            (line.split(":") for line in text.splitlines() if ":" in line)}
+    return {int(user): count for user, count in
+            counts_by(stack, "user_id", "feedback", f"user_id >= {first_user}").items()}
+
+
+def wait_healthy(stack: Stack, service: str) -> None:
+    wait_for(lambda: {s["Service"]: s["Health"] for s in stack.services()}[service]
+             == "healthy", timeout=180, interval=5, what=f"the restarted {service} healthy")
 
 
 def restart_under_feedback(stack: Stack, service: str, first_user: int,
@@ -140,8 +151,7 @@ def test_feedback_across_a_restart_in_compose(stack: Stack, service: str,
     counts = restart_under_feedback(stack, service, first_user)
     assert counts["accepted"] > 0 and counts["persisted"] == counts["accepted"], counts
     assert (counts["lost"], counts["duplicated"], counts["5xx"]) == (0, 0, 0), counts
-    wait_for(lambda: {s["Service"]: s["Health"] for s in stack.services()}[service]
-             == "healthy", timeout=180, interval=3, what=f"the restarted {service} healthy")
+    wait_healthy(stack, service)
 
 
 def test_recommendations_across_a_redis_restart_in_compose(stack: Stack) -> None:
@@ -273,8 +283,7 @@ def kill_mid_task(stack: Stack, service: str, task: str, command: list[str],
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, f"{task} failed after the kill:\n{err[-3000:]}"
-    wait_for(lambda: {s["Service"]: s["Health"] for s in stack.services()}[service]
-             == "healthy", timeout=180, interval=5, what=f"the restarted {service} healthy")
+    wait_healthy(stack, service)
     return out, recovered
 
 
@@ -309,9 +318,7 @@ def test_the_ingest_worker_killed_during_a_load_loads_the_batch_once(
     loaded = json.loads(out[out.index("{"):])
     after = stack.counts()
     batches = after["ingest_batch"] - before["ingest_batch"]
-    counts = {"persisted": int(batches >= 1), "lost": int(batches == 0),
-              "duplicated": max(batches - 1, 0)}
-    say_killed(stack, "ingest", counts, outage)
+    say_killed(stack, "ingest", one_each({"batch": batches}, ["batch"]), outage)
     assert loaded["status"] == "loaded" and loaded["ratings"] == 100_000, loaded
     assert batches == 1 and after["rating"] - before["rating"] == 100_000, (before, after)
     assert stack.sql("SELECT count(*) FROM ingest_batch WHERE status <> 'loaded'") == "0"
@@ -324,16 +331,9 @@ def test_the_transform_worker_killed_mid_snapshot_records_it_once(stack: Stack) 
                                 ["recsys", "pipeline", "--stages", "transform", "--json"],
                                 hold="LOCK TABLE snapshot IN EXCLUSIVE MODE")
     made = int(stack.sql("SELECT count(*) FROM snapshot")) - before
-    say_killed(stack, "transform", {"persisted": int(made >= 1), "lost": int(made == 0),
-                                    "duplicated": max(made - 1, 0)}, outage)
+    say_killed(stack, "transform", one_each({"snapshot": made}, ["snapshot"]), outage)
     latest = stack.sql("SELECT id FROM snapshot ORDER BY created_at DESC LIMIT 1")
     assert made == 1 and json.loads(out[out.index("{"):])["snapshot"] == latest, out
-
-
-def versions_per_algorithm(stack: Stack) -> dict[str, int]:
-    text = stack.sql("SELECT algorithm || ':' || count(*) FROM model_version GROUP BY algorithm")
-    return {name: int(count) for name, count in
-            (line.split(":") for line in text.splitlines() if ":" in line)}
 
 
 def test_a_worker_killed_mid_task_comes_back_and_the_task_completes_once(
@@ -346,8 +346,7 @@ def test_a_worker_killed_mid_task_comes_back_and_the_task_completes_once(
         "recsys", "pipeline", "--stages", "train,register", "--algorithms", "als",
         "--trials", "40", "--json"])
     made = int(stack.sql("SELECT count(*) FROM model_version")) - before
-    say_killed(stack, "train", {"persisted": int(made >= 1), "lost": int(made == 0),
-                                "duplicated": max(made - 1, 0)}, outage)
+    say_killed(stack, "train", one_each({"version": made}, ["version"]), outage)
     summary = json.loads(out[out.index("{"):])
     assert [t["algorithm"] for t in summary["trained"]] == ["als"]
     assert made == 1
@@ -358,7 +357,7 @@ REGISTERED = ("popular", "itemknn_cosine")
 
 def test_the_registry_worker_killed_between_two_versions_registers_each_once(
         stack: Stack) -> None:
-    before = versions_per_algorithm(stack)
+    before = counts_by(stack, "algorithm", "model_version")
     top = int(stack.sql("SELECT coalesce(max(version), 0) FROM model_version"))
     snapshot = stack.sql("SELECT id FROM snapshot ORDER BY created_at DESC LIMIT 1")
     # An uncommitted version top + 2: the task registers its first model as top + 1 and
@@ -372,12 +371,9 @@ def test_the_registry_worker_killed_between_two_versions_registers_each_once(
         ["recsys", "pipeline", "--stages", "train,register", "--algorithms",
          ",".join(REGISTERED), "--trials", "1", "--json"],
         hold=hold, half_done=f"SELECT count(*) > {top} FROM model_version")
-    after = versions_per_algorithm(stack)
+    after = counts_by(stack, "algorithm", "model_version")
     made = {name: after.get(name, 0) - before.get(name, 0) for name in REGISTERED}
-    counts = {"persisted": sum(1 for n in made.values() if n >= 1),
-              "lost": sum(1 for n in made.values() if n == 0),
-              "duplicated": sum(max(n - 1, 0) for n in made.values())}
-    say_killed(stack, "registry", counts, outage)
+    say_killed(stack, "registry", one_each(made, list(REGISTERED)), outage)
     assert made == dict.fromkeys(REGISTERED, 1), (before, after)
     assert sum(after.values()) == sum(before.values()) + 2, (before, after)
 
@@ -421,8 +417,8 @@ def test_the_eval_worker_killed_between_two_versions_stores_each_figure_once(
             for v in returned}
     extra = (int(stack.sql("SELECT count(*) FROM model_version")) - versions
              + int(stack.sql("SELECT count(*) FROM alias_change")) - moves)
-    counts = {"persisted": sum(kept.values()), "lost": len(kept) - sum(kept.values()),
-              "duplicated": extra}
+    counts = one_each({v: int(k) for v, k in kept.items()}, list(kept))
+    counts["duplicated"] += extra
     say_killed(stack, "eval", counts, outage)
     assert sorted(returned) == [first, second] and all(kept.values()), (returned, stored)
     assert extra == 0, counts
@@ -434,21 +430,9 @@ def quote(text: str) -> str:
 
 
 def test_malformed_requests_get_no_5xx_in_compose(stack: Stack) -> None:
-    url = stack.url("serve", "")
-    sent, failing = 0, []
-    with httpx.Client(headers={"X-API-Key": API_KEY, "Content-Type": "application/json"},
-                      timeout=60) as client:
-        for method, path, body in malformed_bodies():
-            sent += 1
-            try:
-                status = client.request(method, url + path, content=body).status_code
-            except httpx.HTTPError as error:
-                failing.append(f"{method} {path[:60]} -> {type(error).__name__}")
-                continue
-            if status >= 500 or status < 300:
-                failing.append(f"{method} {path[:60]} {(body or b'')[:60]!r} -> {status}")
-    stack.say({"compose_chaos": "malformed_requests", "sent": sent, "failing": len(failing)})
-    assert sent > 100 and not failing, failing
+    counts, failing = send_malformed(stack.url("serve", ""), API_KEY)
+    stack.say({"compose_chaos": "malformed_requests", **counts, "failing": len(failing)})
+    assert counts["sent"] > 100 and not failing, failing
 
 
 def test_hot_swap_under_load_in_compose(stack: Stack) -> None:
@@ -460,15 +444,7 @@ def test_hot_swap_under_load_in_compose(stack: Stack) -> None:
                           f"{champion['model_version']}"))
     url = stack.url("serve", "")
     served: set[int] = set()
-
-    def request(client: httpx.Client, number: int) -> httpx.Response:
-        response = client.get(f"{url}/recommendations/{1 + number % 40}",
-                              params={"k": 10, "offset": number % 3})
-        if response.status_code == 200:
-            served.add(int(response.json()["model_version"]))
-        return response
-
-    with Load(request, API_KEY) as load:
+    with Load(recommendations_noting_versions(url, served), API_KEY) as load:
         time.sleep(3)
         moved = httpx.post(f"{url}/models/{other}/promote", json={"reason": "compose chaos"},
                            headers={"X-API-Key": API_KEY}, timeout=60)
